@@ -1,0 +1,37 @@
+"""Typed errors: one root, each subclass also the nearest builtin so ``except ValueError`` works."""
+
+
+class CpuBoostError(Exception):
+    """Root of every error cpuboost raises on purpose."""
+
+
+class UnknownDtypeError(CpuBoostError, ValueError):
+    """A dtype name or object cpuboost does not handle."""
+
+
+class UnknownOptionError(CpuBoostError, TypeError):
+    """An option name that does not exist (usually a typo)."""
+
+
+class InvalidOptionError(CpuBoostError, ValueError):
+    """An option whose value is outside its valid choices."""
+
+
+class BackendUnavailableError(CpuBoostError, RuntimeError):
+    """An explicitly requested backend cannot run here."""
+
+
+class UnsupportedTargetError(CpuBoostError, TypeError):
+    """Something that is not a module, a (module, optimizer) pair, a class or a function."""
+
+
+class OptimizerMismatchError(CpuBoostError, ValueError):
+    """An optimizer that does not own the model's parameters, or several optimizers."""
+
+
+class PassRegistrationError(CpuBoostError, ValueError):
+    """A pass registered twice, with bad ordering, or looked up under an unknown name."""
+
+
+class PassFailedError(CpuBoostError, RuntimeError):
+    """A pass raised; names the pass and those that ran before it."""

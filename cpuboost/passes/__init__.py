@@ -1,0 +1,9 @@
+"""Built-in passes, one file per family; registered the first time the registry is used."""
+from __future__ import annotations
+
+
+def register_builtins() -> None:
+    from . import folding, graph, layout, mode, precision, training  # noqa: F401
+
+    for module in (mode, folding, layout, precision, graph, training):
+        module.register()

@@ -1,0 +1,35 @@
+"""Low-precision weights for the eager path: Conv/Linear weights stored in bf16/fp16 once, not cast per call."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..registry import PlanContext, register_pass
+
+_MATMUL_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def low_precision_weights(model: nn.Module, ctx) -> nn.Module:
+    """Keep Conv/Linear weights in the autocast dtype; norms and everything else stay fp32."""
+    count = 0
+    for mod in model.modules():
+        if isinstance(mod, _MATMUL_LAYERS):
+            mod.to(ctx.options.dtype)
+            count += 1
+    ctx.note(f"{count} layer(s) cast")
+    return model
+
+
+def _wanted(ctx: PlanContext):
+    if not ctx.options.low_precision:
+        return "dtype=fp32"
+    if ctx.options.fusion and ctx.hardware.has_cxx_compiler and ctx.options.backend in ("auto", "native"):
+        return "fusion=True: Inductor freezing folds the weight casts into constants"
+    if not ctx.has_module(*_MATMUL_LAYERS):
+        return "no Conv/Linear layers"
+    return None
+
+
+def register() -> None:
+    register_pass(low_precision_weights, name="low_precision_weights", modes="infer", after="channels_last",
+                  available=_wanted)
