@@ -1,0 +1,22 @@
+"""Shared fixtures and hypothesis profiles: many cheap eager examples, few compiled ones."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "default", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(autouse=True)
+def _clean_cpuboost_env(monkeypatch):
+    """Tests start without CPUBOOST_* overrides, whatever the shell has set."""
+    for var in list(os.environ):
+        if var.startswith("CPUBOOST_"):
+            monkeypatch.delenv(var)
+    torch.manual_seed(0)

@@ -1,0 +1,75 @@
+"""Small models and random-but-realistic BatchNorm statistics for tests."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def randomize_bn(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """Give BatchNorm layers non-trivial running statistics, as a trained model would have."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.5, 0.5, generator=generator)
+                m.running_var.uniform_(0.5, 2.0, generator=generator)
+                m.weight.uniform_(0.5, 1.5, generator=generator)
+                m.bias.uniform_(-0.2, 0.2, generator=generator)
+    return model
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, act: str, residual: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = {"relu": nn.ReLU(), "gelu": nn.GELU(), "silu": nn.SiLU(), "none": nn.Identity()}[act]
+        self.residual = residual and cin == cout
+
+    def forward(self, x):
+        y = self.act(self.bn(self.conv(x)))
+        return x + y if self.residual else y
+
+
+class StackNet(nn.Module):
+    """Conv/BN/activation/residual blocks, then pooling and a Linear(+BN1d) head."""
+
+    def __init__(self, in_ch: int, widths: list[int], acts: list[str], residual: list[bool], head_bn: bool,
+                 classes: int = 5) -> None:
+        super().__init__()
+        blocks, cin = [], in_ch
+        for w, a, r in zip(widths, acts, residual):
+            blocks.append(ConvBlock(cin, w, a, r))
+            cin = w
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, classes)
+        self.fc_bn = nn.BatchNorm1d(classes) if head_bn else nn.Identity()
+
+    def forward(self, x):
+        y = self.blocks(x).mean(dim=(2, 3))
+        return self.fc_bn(self.fc(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, sizes: list[int], act: str = "relu") -> None:
+        super().__init__()
+        layers = []
+        for a, b in zip(sizes, sizes[1:]):
+            layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU() if act == "relu" else nn.GELU()]
+        self.net = nn.Sequential(*layers[:-1])
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Branchy(nn.Module):
+    """Data-dependent Python control flow: the branch depends on the input's values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.a(x)
+        return self.b(x) * 10

@@ -1,0 +1,72 @@
+"""Hypothesis-generated Conv/BN/Linear/activation/residual stacks on the eager-pass path vs eager fp32."""
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cpuboost
+from cpuboost.verify import TOLERANCE
+
+from nets import MLP, StackNet, randomize_bn
+
+ACTS = st.sampled_from(["relu", "gelu", "silu", "none"])
+
+
+@st.composite
+def conv_nets(draw):
+    depth = draw(st.integers(1, 3))
+    widths = draw(st.lists(st.sampled_from([4, 8]), min_size=depth, max_size=depth))
+    acts = draw(st.lists(ACTS, min_size=depth, max_size=depth))
+    residual = draw(st.lists(st.booleans(), min_size=depth, max_size=depth))
+    net = StackNet(draw(st.sampled_from([1, 3])), widths, acts, residual, draw(st.booleans()))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    randomize_bn(net, gen)
+    batch, size = draw(st.integers(2, 3)), draw(st.sampled_from([5, 8]))
+    x = torch.randn(batch, net.blocks[0].conv.in_channels, size, size, generator=gen)
+    return net.eval(), x
+
+
+def _rel_err(out, ref):
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-6)).item()
+
+
+@settings(max_examples=40)
+@given(conv_nets(), st.sampled_from(["fp32", "bf16"]))
+def test_conv_stacks_match_eager(net_and_input, dtype):
+    """Eager passes (fold, channels_last, low-precision weights) stay within the dtype tolerance."""
+    net, x = net_and_input
+    with torch.no_grad():
+        ref = net(x)
+    model = cpuboost.optimize(net, dtype=dtype, fusion=False)
+    out = model(x)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert _rel_err(out, ref) <= TOLERANCE[model._options.dtype]
+    report = cpuboost.explain(model)
+    assert report.graphs[-1].path == "eager+passes"
+    assert "fold_batchnorm" in report.applied
+
+
+@settings(max_examples=40)
+@given(st.lists(st.integers(2, 12), min_size=2, max_size=4), st.integers(2, 6), st.sampled_from(["fp32", "bf16"]),
+       st.integers(0, 2**16))
+def test_mlps_with_batchnorm_match_eager(sizes, batch, dtype, seed):
+    """Linear+BN1d folding and bf16 weights on MLPs of any shape stay within tolerance."""
+    gen = torch.Generator().manual_seed(seed)
+    net = randomize_bn(MLP(sizes), gen).eval()
+    x = torch.randn(batch, sizes[0], generator=gen)
+    with torch.no_grad():
+        ref = net(x)
+    out = cpuboost.optimize(net, dtype=dtype, fusion=False)(x)
+    assert _rel_err(out, ref) <= TOLERANCE[torch.float32 if dtype == "fp32" else torch.bfloat16]
+
+
+@settings(max_examples=20)
+@given(st.lists(st.tuples(st.integers(1, 4), st.integers(3, 9)), min_size=1, max_size=5))
+def test_new_shapes_rebuild_and_stay_correct(shapes):
+    """Every new input shape gets its own verified entry; answers match eager for each."""
+    net = randomize_bn(MLP([3, 6, 2])).eval()
+    model = cpuboost.optimize(net, dtype="fp32", fusion=False)
+    for batch, _ in shapes:
+        x = torch.randn(batch + 1, 3)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), net(x), rtol=1e-4, atol=1e-5)
+    assert len(model._cache) == len({b + 1 for b, _ in shapes})
