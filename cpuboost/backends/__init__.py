@@ -54,4 +54,8 @@ def ipex() -> Availability:
 
 def all_backends() -> list[Availability]:
     """Every backend cpuboost knows, in preference order, with its reason."""
-    return [native(), ipex(), openvino()]
+    # Not ipex(): once the submodule cpuboost.backends.ipex is imported, the package attribute `ipex`
+    # is that module, not the function above.
+    from .ipex import availability as ipex_availability
+
+    return [native(), ipex_availability(), openvino()]
