@@ -28,13 +28,20 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 
 def parse_dtype(value: Any) -> torch.dtype:
-    """Accept the names users type and torch dtypes; name the choices otherwise."""
+    """Accept the names users type and torch dtypes; name the choices otherwise.
+
+    ``"auto"`` means bf16 where the CPU has native bf16 (AVX512_BF16 or AMX), else fp32.
+    """
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        from .hardware import detect
+
+        return _DTYPE_NAMES[detect().recommended_dtype]
     if isinstance(value, torch.dtype):
         if value in _SHORT_NAMES:
             return value
     elif isinstance(value, str) and value.strip().lower() in _DTYPE_NAMES:
         return _DTYPE_NAMES[value.strip().lower()]
-    choices = ", ".join(repr(n) for n in _DTYPE_NAMES)
+    choices = ", ".join(repr(n) for n in ["auto", *_DTYPE_NAMES])
     msg = (
         f"unknown dtype {value!r}; expected one of {choices} or torch.bfloat16/float16/float32. "
         "Use dtype='bf16' for speed, 'fp32' for exact eager numerics."

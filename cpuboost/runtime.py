@@ -161,6 +161,7 @@ class OptimizedModule(ModelProxy):
         if self._plan.module_passes or options.low_precision:
             candidates.append(("eager+passes", lambda: _eager_runner(work, options.dtype)))
         for name, build in candidates:
+            attempt_started = time.perf_counter()
             try:
                 fn = build()
                 with torch.no_grad():
@@ -176,7 +177,7 @@ class OptimizedModule(ModelProxy):
                 self._mark_graph_pass(name, "failed", 0.0, fallbacks[-1][1])
                 log.warning("cpuboost: %s did not match eager for [%s]: %s", name, sig, verdict)
                 continue
-            self._mark_graph_pass(name, "applied", time.perf_counter() - started, f"used for [{sig}]")
+            self._mark_graph_pass(name, "applied", time.perf_counter() - attempt_started, f"used for [{sig}]")
             record = GraphRecord(sig, name, time.perf_counter() - started,
                                  str(verdict) if verdict else "not verified (verify=False)", fallbacks)
             self._report.graphs.append(record)

@@ -29,6 +29,9 @@ class Verdict:
         )
 
 
+_PLAIN = (int, float, bool, str, bytes, type(None))
+
+
 def _items(value: Any):
     """Children of a container output as (path, child); HF ModelOutput is a Mapping."""
     if isinstance(value, Mapping):
@@ -36,6 +39,14 @@ def _items(value: Any):
     if isinstance(value, (tuple, list)):
         return [(str(i), v) for i, v in enumerate(value)]
     return None
+
+
+def _object_items(value: Any):
+    """Tensor-bearing and plain attributes of an output object (e.g. a KV cache), for comparison only."""
+    if isinstance(value, (_PLAIN, torch.nn.Module, type)) or not hasattr(value, "__dict__"):
+        return None
+    return [(k, v) for k, v in sorted(vars(value).items())
+            if isinstance(v, (torch.Tensor, _PLAIN, tuple, list, Mapping)) or hasattr(v, "__dict__")]
 
 
 def _tensor_error(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, Optional[str]]:
@@ -63,8 +74,10 @@ def compare(reference: Any, output: Any, dtype: torch.dtype) -> Verdict:
     tol = tolerance(dtype)
     worst, problems = 0.0, []
 
-    def walk(ref: Any, out: Any, path: str) -> None:
+    def walk(ref: Any, out: Any, path: str, depth: int = 0) -> None:
         nonlocal worst
+        if depth > 8:
+            return
         if isinstance(ref, torch.Tensor):
             if not isinstance(out, torch.Tensor):
                 problems.append(f"{path or 'output'}: expected a tensor, got {type(out).__name__}")
@@ -76,13 +89,15 @@ def compare(reference: Any, output: Any, dtype: torch.dtype) -> Verdict:
                 problems.append(f"{path or 'output'}: {problem}")
             return
         ref_items, out_items = _items(ref), _items(out)
+        if ref_items is None and not isinstance(ref, _PLAIN) and type(ref) is type(out):
+            ref_items, out_items = _object_items(ref), _object_items(out)
         if ref_items is not None:
             if out_items is None or [k for k, _ in ref_items] != [k for k, _ in out_items]:
                 problems.append(f"{path or 'output'}: structure differs from eager")
                 worst = float("inf")
                 return
             for (key, r), (_, o) in zip(ref_items, out_items):
-                walk(r, o, f"{path}.{key}" if path else key)
+                walk(r, o, f"{path}.{key}" if path else key, depth + 1)
             return
         try:
             same = bool(ref == out)

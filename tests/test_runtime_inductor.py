@@ -1,0 +1,75 @@
+"""The compiled path (Inductor + freezing): few, small examples, because each compile costs seconds."""
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cpuboost
+from cpuboost.verify import TOLERANCE
+
+from nets import Branchy, StackNet, randomize_bn
+
+pytestmark = pytest.mark.slow
+
+
+def _rel_err(out, ref):
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-6)).item()
+
+
+@settings(max_examples=3)
+@given(st.sampled_from(["fp32", "bf16"]), st.lists(st.sampled_from(["relu", "gelu", "silu"]), min_size=1,
+                                                    max_size=2), st.booleans(), st.integers(0, 1000))
+def test_compiled_conv_stacks_match_eager(dtype, acts, head_bn, seed):
+    """Inductor-frozen conv stacks match eager fp32 within the dtype tolerance."""
+    gen = torch.Generator().manual_seed(seed)
+    net = randomize_bn(StackNet(3, [8] * len(acts), acts, [True] * len(acts), head_bn), gen).eval()
+    x = torch.randn(2, 3, 8, 8, generator=gen)
+    with torch.no_grad():
+        ref = net(x)
+    model = cpuboost.optimize(net, dtype=dtype, fusion=True)
+    out = model(x)
+    report = cpuboost.explain(model)
+    assert report.graphs[-1].path == "inductor", str(report)
+    assert out.dtype == torch.float32 and _rel_err(out, ref) <= TOLERANCE[model._options.dtype]
+    torch.testing.assert_close(model(x), out)  # the cached graph gives the same answer again
+
+
+def test_compiled_control_flow_and_threads():
+    """Value-dependent branches stay correct when compiled, also from several threads at once."""
+    net = Branchy().eval()
+    model = cpuboost.optimize(net, dtype="fp32", fusion=True)
+    pos, neg = torch.ones(2, 4), -torch.ones(2, 4)
+    with torch.no_grad():
+        expected = {True: net(pos), False: net(neg)}
+    assert cpuboost.explain(model).graphs == []
+    torch.testing.assert_close(model(pos), expected[True])
+    assert cpuboost.explain(model).graphs[-1].path == "inductor"
+    errors = []
+
+    def worker(i):
+        try:
+            for j in range(10):
+                flag = (i + j) % 2 == 0
+                torch.testing.assert_close(model(pos if flag else neg), expected[flag])
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+
+
+def test_inductor_config_is_not_changed_globally():
+    """Freezing is switched on only during the build; the global Inductor config is untouched after."""
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.freezing
+    model = cpuboost.optimize(torch.nn.Linear(4, 4).eval(), dtype="fp32")
+    model(torch.randn(2, 4))
+    assert inductor_config.freezing == before
+    assert cpuboost.explain(model).graphs[-1].path == "inductor"

@@ -1,0 +1,90 @@
+"""Real transformers models built from small configs (no downloads) through the decorator."""
+import pytest
+import torch
+
+import cpuboost
+from cpuboost import cpu_optimized
+from cpuboost.verify import TOLERANCE
+
+transformers = pytest.importorskip("transformers")
+
+
+def _bert():
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, vocab_size=100, max_position_embeddings=64)
+    ids = torch.randint(0, 100, (2, 12))
+    return transformers.BertModel(cfg), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _distilbert():
+    cfg = transformers.DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=100,
+                                        max_position_embeddings=64)
+    return transformers.DistilBertForSequenceClassification(cfg), {"input_ids": torch.randint(0, 100, (2, 10))}
+
+
+def _resnet():
+    cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    return transformers.ResNetForImageClassification(cfg), {"pixel_values": torch.randn(2, 3, 32, 32)}
+
+
+def _vit():
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                 image_size=16, patch_size=8)
+    return transformers.ViTModel(cfg), {"pixel_values": torch.randn(2, 3, 16, 16)}
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg), {"input_ids": torch.randint(0, 100, (2, 9))}
+
+
+MODELS = {"bert": _bert, "distilbert": _distilbert, "resnet": _resnet, "vit": _vit, "gpt2": _gpt2}
+
+
+def _leaves(out):
+    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+def _check(model, reference, inputs, dtype):
+    with torch.no_grad():
+        ref = reference(**inputs)
+    out = model(**inputs)
+    assert type(out) is type(ref) and list(out.keys()) == list(ref.keys())
+    for key, value in _leaves(ref).items():
+        err = (out[key].double() - value.double()).abs().max() / value.double().abs().max()
+        assert out[key].dtype == value.dtype and err <= TOLERANCE[dtype], (key, err.item())
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_eager_passes_on_real_models(name, dtype):
+    """Each model family gives eager's outputs (same ModelOutput type and keys) without fusion."""
+    torch.manual_seed(0)
+    holder = {}
+
+    @cpu_optimized(dtype=dtype, fusion=False)
+    def make():
+        holder["net"], holder["inputs"] = MODELS[name]()
+        return holder["net"].eval()
+
+    model = make()
+    _check(model, holder["net"], holder["inputs"], model._options.dtype)
+    assert cpuboost.explain(model).graphs[-1].path == "eager+passes"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,dtype", [("bert", "bf16"), ("resnet", "fp32"), ("gpt2", "bf16")])
+def test_compiled_real_models(name, dtype):
+    """BERT, ResNet and GPT-2 (with its KV cache output) compile with Inductor and match eager."""
+    torch.manual_seed(0)
+    net, inputs = MODELS[name]()
+
+    @cpu_optimized(dtype=dtype)
+    def make():
+        return net.eval()
+
+    model = make()
+    _check(model, net, inputs, model._options.dtype)
+    report = cpuboost.explain(model)
+    assert report.graphs[-1].path == "inductor", str(report)
