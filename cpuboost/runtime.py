@@ -162,6 +162,7 @@ class OptimizedModule(ModelProxy):
             candidates.append(("eager+passes", lambda: _eager_runner(work, options.dtype)))
         for name, build in candidates:
             attempt_started = time.perf_counter()
+            log.info("cpuboost: trying %s for [%s]", name, sig)
             try:
                 fn = build()
                 with torch.no_grad():
@@ -181,6 +182,8 @@ class OptimizedModule(ModelProxy):
             record = GraphRecord(sig, name, time.perf_counter() - started,
                                  str(verdict) if verdict else "not verified (verify=False)", fallbacks)
             self._report.graphs.append(record)
+            log.info("cpuboost: built [%s] with %s in %.1f s (%s)", sig, name, record.build_seconds,
+                     record.verification)
             return verify.match_dtypes(template, out), GraphEntry(name, fn, True, template, record)
         record = GraphRecord(sig, "eager (original)", time.perf_counter() - started, "is the reference", fallbacks)
         self._report.graphs.append(record)
