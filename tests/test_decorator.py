@@ -190,12 +190,16 @@ def test_optimizer_not_owning_model_params_is_rejected_untouched():
     assert [dict(g) for g in opt.param_groups] == groups_before and net.training
 
 
+def _ipex_usable():
+    from cpuboost.backends.ipex import availability
+
+    return availability().usable
+
+
+@pytest.mark.skipif("_ipex_usable()", reason="IPEX is usable in this environment")
 def test_explicit_backend_that_cannot_run_is_an_error():
     """backend='ipex' without a usable IPEX raises BackendUnavailableError with the reason."""
-    from cpuboost.backends.ipex import availability
     from cpuboost.errors import BackendUnavailableError
 
-    if availability().usable:
-        pytest.skip("IPEX is usable in this environment")
     with pytest.raises(BackendUnavailableError, match="backend='ipex'.*backend='auto'"):
         cpuboost.optimize(nn.Linear(2, 2), backend="ipex")
