@@ -117,6 +117,9 @@ def _optimize_result(result: Any, options: dict) -> Any:
         if (len(result) == 2 and isinstance(result[0], nn.Module)
                 and isinstance(result[1], torch.optim.Optimizer)):
             return optimize(result[0], result[1], **options)
+        rest = list(result[1]) if len(result) == 2 and isinstance(result[1], (list, tuple)) else list(result[1:])
+        if len(rest) > 1 and all(isinstance(o, torch.optim.Optimizer) for o in rest):
+            _check_optimizer(result[0], rest)  # several optimizers: a typed error that says what to do
         kinds = ", ".join(type(x).__name__ for x in result)
         msg = (f"the decorated factory returned ({kinds}); cpuboost expects a Module (inference) or a "
                "(Module, Optimizer) pair (training). Return one of those, or optimize the parts with "

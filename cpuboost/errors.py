@@ -35,3 +35,7 @@ class PassRegistrationError(CpuBoostError, ValueError):
 
 class PassFailedError(CpuBoostError, RuntimeError):
     """A pass raised; names the pass and those that ran before it."""
+
+
+class ModelModeError(CpuBoostError, ValueError):
+    """A model whose train/eval mode contradicts the request (an eval-mode model handed over with an optimizer)."""

@@ -61,7 +61,7 @@ class Report:
             for g in self.graphs:
                 lines.append(f"  [{g.signature}] -> {g.path}, built in {g.build_seconds:.2f} s, {g.verification}")
                 lines += [f"      fell back from {path}: {why}" for path, why in g.fallbacks]
-        else:
+        elif self.mode != "train":  # training runs eagerly unless compile_training builds a graph
             lines.append("graphs: none built yet (the first call builds and verifies one)")
         if self.events:
             lines.append("events:")

@@ -1,44 +1,187 @@
-"""The training path: the model runs its forward under autocast; fp32 parameters stay the master weights."""
+"""The training path: the registry's train passes applied in place, the forward under autocast.
+
+Training works on the user's own model and optimizer: the optimizer holds the model's Parameters, so
+a private copy (as inference uses) could not be trained. What changes is small and checkpoint-neutral
+(train mode, channels_last strides, the optimizer's ``fused`` flag, hidden from ``state_dict()``), every
+change is in ``explain()``, and a pass that raises is rolled back before the next one runs.
+"""
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
+from . import hardware
+from .errors import ModelModeError
 from .options import Options
+from .passes import training as train_passes
 from .proxy import ModelProxy
-from .registry import Plan
+from .registry import PassContext, PassSpec, Plan
 from .report import PassRecord, Report
+
+log = logging.getLogger("cpuboost")
 
 
 class TrainingModule(ModelProxy):
-    """The user's model (same Parameters, same keys) whose forward runs under the plan's autocast."""
+    """The user's model (same Parameters, same ``state_dict()`` keys) whose forward runs the train plan.
 
-    def __init__(self, original: nn.Module, options: Options, plan: Plan) -> None:
+    Floating outputs produced in the autocast dtype come back as fp32, so a loss computed outside the
+    model is computed in fp32 (as the inference path returns eager's dtypes).
+    """
+
+    def __init__(self, original: nn.Module, options: Options, plan: Plan, report: Report) -> None:
         super().__init__(original)
-        self.__dict__["_options"] = options
-        self.__dict__["_report"] = Report(
-            model=type(original).__name__,
-            mode="train",
-            options=options.describe(),
-            passes=[PassRecord(p.name, "applied", detail=p.doc) for p in plan.module_passes]
-            + [PassRecord(name, "skipped", detail=why) for name, why in plan.skipped],
+        applied = set(report.applied)
+        autocast = options.dtype if "autocast" in applied else None
+        self.__dict__.update(
+            _options=options,
+            _plan=plan,
+            _report=report,
+            _autocast=autocast,
+            _scaler=torch.amp.GradScaler("cpu", enabled="grad_scaler" in applied),
+            _compiled=None,
+            _candidates=list(plan.graph_passes),
+            _build_lock=threading.Lock(),
         )
 
+    @property
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """``GradScaler("cpu")``: enabled for fp16, a pass-through otherwise, so one train step serves all dtypes."""
+        return self._scaler
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        dtype = self._options.dtype
-        if dtype == torch.float32:
+        fn = self._compiled or (self._build(args, kwargs) if self._candidates else None)
+        if fn is not None:
+            return _outputs_fp32(fn(*args, **kwargs), self._autocast)
+        if self._autocast is None:
             return self._original(*args, **kwargs)
-        with torch.autocast("cpu", dtype=dtype):
-            return self._original(*args, **kwargs)
+        with torch.autocast("cpu", dtype=self._autocast):
+            out = self._original(*args, **kwargs)
+        return _outputs_fp32(out, self._autocast)
+
+    def _build(self, args: tuple, kwargs: dict) -> Optional[Callable]:
+        """Try the plan's graph passes once (the first call); a failure is recorded and eager is kept."""
+        with self._build_lock:
+            while self._candidates and self._compiled is None:
+                spec = self._candidates.pop(0)
+                record = _record(self._report, spec.name)
+                started = time.perf_counter()
+                ctx = PassContext(self._options, hardware.detect(), "train", None, args, kwargs)
+                try:
+                    self.__dict__["_compiled"] = spec.fn(self._original, args, kwargs, ctx)
+                except Exception as exc:  # record it; the eager forward is always there
+                    _failed(record, exc, started)
+                    log.warning("cpuboost: training graph %s failed: %s", spec.name, exc)
+                    continue
+                record.status, record.seconds = "applied", time.perf_counter() - started
+                record.detail = (f"{spec.doc}; compiles on this first call and per new input shape "
+                                 "(not verified against eager: a training forward has side effects)")
+        return self._compiled
 
     def explain(self) -> Report:
         return self._report
 
 
+def _outputs_fp32(out: Any, dtype: Optional[torch.dtype]) -> Any:
+    if dtype is None:
+        return out
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.dtype == dtype else out
+    from torch.utils import _pytree
+
+    return _pytree.tree_map_only(torch.Tensor, lambda t: t.float() if t.dtype == dtype else t, out)
+
+
+def _record(report: Report, name: str) -> PassRecord:
+    return next(r for r in report.passes if r.name == name)
+
+
+def _failed(record: PassRecord, exc: Exception, started: float) -> None:
+    record.status, record.seconds = "failed", time.perf_counter() - started
+    record.detail = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+def check_train_mode(model: nn.Module, optimizer: Any, options: Options) -> None:
+    """An eval-mode model that came with an optimizer is ambiguous: say so before anything changes."""
+    if optimizer is None or model.training or options.mode == "train":
+        return
+    msg = (f"the {type(model).__name__} is in eval mode (model.training is False) but came with a "
+           f"{type(optimizer).__name__}, so cpuboost would train it. Call model.train() before handing it "
+           "over, pass mode='train' to have cpuboost switch it to train mode, or mode='infer' to run inference")
+    raise ModelModeError(msg)
+
+
+@dataclasses.dataclass
+class _Snapshot:
+    """References (no copies) to everything a train pass may rebind, to roll a failed pass back."""
+
+    tables: list[tuple[dict, dict]]
+    data: list[tuple[torch.Tensor, torch.Tensor]]
+    flags: list[tuple[nn.Module, bool]]
+    groups: list[tuple[dict, dict]]
+    fused: Optional[frozenset[int]]
+
+    @classmethod
+    def take(cls, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> "_Snapshot":
+        modules = list(model.modules())
+        tables = [(t, dict(t)) for m in modules for t in (m._parameters, m._buffers)]
+        data = [(p, p.data) for p in model.parameters()]
+        groups = [(g, {k: v for k, v in g.items() if k != "params"}) for g in optimizer.param_groups] if optimizer else []
+        return cls(tables, data, [(m, m.training) for m in modules], groups, train_passes.fused_groups(optimizer))
+
+    def restore(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        for table, saved in self.tables:
+            table.clear()
+            table.update(saved)
+        for param, data in self.data:
+            param.data = data
+        for module, flag in self.flags:
+            module.training = flag
+        for group, saved in self.groups:
+            for key in [k for k in group if k != "params" and k not in saved]:
+                del group[key]
+            group.update(saved)
+        if optimizer is not None:
+            train_passes.set_fused_groups(optimizer, self.fused)
+
+
+def _run_pass(spec: PassSpec, model: nn.Module, optimizer, ctx: PassContext, record: PassRecord) -> None:
+    snapshot = _Snapshot.take(model, optimizer)
+    started = time.perf_counter()
+    try:
+        spec.fn(model, ctx)
+    except Exception as exc:  # roll this pass back; the others still apply
+        snapshot.restore(optimizer)
+        _failed(record, exc, started)
+        log.warning("cpuboost: train pass %s failed and was rolled back: %s", spec.name, exc)
+        return
+    record.status, record.seconds = "applied", time.perf_counter() - started
+    record.detail = "; ".join(ctx.notes) or spec.doc
+
+
 def prepare_training(model: nn.Module, optimizer, options: Options, plan: Plan):
-    """Apply the training plan; returns ``(TrainingModule, optimizer)`` or the module alone."""
-    wrapped = TrainingModule(model, options, plan)
-    wrapped.train(True)
+    """Apply the training plan in place; returns ``(TrainingModule, optimizer)`` or the module alone.
+
+    The optimizer comes back as the same object (LR schedulers attached to it keep working).
+    """
+    check_train_mode(model, optimizer, options)
+    hw = hardware.detect()
+    report = Report(
+        model=type(model).__name__,
+        mode="train",
+        options=f"{options.describe()} compile_training={options.compile_training}",
+        passes=[PassRecord(p.name, "planned", detail=p.doc) for p in plan.module_passes + plan.graph_passes]
+        + [PassRecord(name, "skipped", detail=why) for name, why in plan.skipped],
+    )
+    for spec in plan.module_passes:
+        ctx = PassContext(options, hw, "train", optimizer)
+        _run_pass(spec, model, optimizer, ctx, _record(report, spec.name))
+    report.events.append("training changes your model and optimizer in place (the optimizer holds the model's "
+                         "Parameters); state_dict() of both stays loadable by plain, un-optimized copies")
+    wrapped = TrainingModule(model, options, plan, report)
     return wrapped if optimizer is None else (wrapped, optimizer)
