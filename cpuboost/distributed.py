@@ -245,9 +245,10 @@ def _check_model(model: Any) -> None:
 
 def _wrap_ddp(model: nn.Module, gradient_dtype: str, ddp_options: Mapping[str, Any]) -> nn.Module:
     if isinstance(model, nn.parallel.DistributedDataParallel):
-        ddp = model
-    else:
-        ddp = nn.parallel.DistributedDataParallel(model, **dict(ddp_options))
+        log.warning("the model is already wrapped in DistributedDataParallel: kept as it is (gradient_dtype and "
+                    "ddp_options apply only to a DDP that prepare() creates)")
+        return model
+    ddp = nn.parallel.DistributedDataParallel(model, **dict(ddp_options))
     if gradient_dtype == "bf16":
         ddp.register_comm_hook(None, _bf16_gradients)
     return ddp

@@ -137,7 +137,9 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = get_args_parser()
     parser.prog = "cpuboost launch"
-    parser.description = __doc__.split("\n", 1)[0] + " Every torchrun option works; two are added:"
+    parser.description = ("torchrun with CPU settings per rank: OMP_NUM_THREADS = physical cores / local ranks "
+                          "(unless already set) and each local rank pinned to its share of the cores. Every "
+                          "torchrun option works the same; cpuboost adds --no-bind and --dry-run.")
     parser.allow_abbrev = False  # so "-m"/"--no-python" are spelled out and found reliably
     parser.add_argument("--no-bind", action="store_true", help="do not pin ranks to cores (cpuboost)")
     parser.add_argument("--dry-run", action="store_true", help="print the choices and the command, run nothing")
