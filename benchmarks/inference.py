@@ -15,6 +15,8 @@ import math
 import os
 import sys
 
+import torch
+
 from cpuboost import bench, benchplot, models
 from cpuboost.benchresult import BenchResult, write_json
 
@@ -105,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         print(result.table(), "\n", flush=True)
         results.append(result)
         del workload
+        if "torch._dynamo" in sys.modules:
+            torch._dynamo.reset()  # free this workload's compiled graphs before the next one
     lines = summary(results)
     checks = [issue2_check(r, key) for r, key in zip(results, chosen) if key in TARGETS
               and r.path("cpuboost_bf16") is not None and r.path("compile_bf16") is not None]

@@ -15,8 +15,10 @@ import dataclasses
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 import time
+import types
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
@@ -109,18 +111,24 @@ def _eager_autocast(model: nn.Module, wl: Workload) -> Callable:
     return run
 
 
+def _own_code(fn: Callable) -> Callable:
+    """The same function with its own code object, so its dynamo cache is its own: benchmarking many models
+    in one process never runs into dynamo's per-code recompile limit (which would silently run eager)."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 def _hand_compile(dtype: torch.dtype) -> Build:
     """What a user writes by hand: torch.compile with Inductor freezing (plus autocast for bf16)."""
     def build(model: nn.Module, wl: Workload) -> Callable:
         import torch._inductor.config as inductor_config
 
-        if dtype == torch.float32:
-            compiled = torch.compile(model)
-        else:
-            def run(*args: Any, **kwargs: Any) -> Any:
-                with torch.autocast("cpu", dtype=dtype):
-                    return model(*args, **kwargs)
-            compiled = torch.compile(run)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if dtype == torch.float32:
+                return model(*args, **kwargs)
+            with torch.autocast("cpu", dtype=dtype):
+                return model(*args, **kwargs)
+
+        compiled = torch.compile(_own_code(run))
         with inductor_config.patch(freezing=True), torch.no_grad():
             wl.call(compiled)  # compiles now, while freezing is on
         return compiled
@@ -330,6 +338,7 @@ def run(wl: Workload, paths: Iterable[BenchPath] | str = "default", *, rounds: i
     dtypes = {r.dtype for _, r, _ in built}
     peaks = {name: gemm_peak(DTYPES[name]) for name in DTYPES if name in dtypes} if measure_peak else {}
     log.info("timing %d paths in %d interleaved rounds (about %.0f s)", len(built), rounds, seconds * rounds)
+    load_before = _load_average()
     bar = _progress(rounds, f"timing {wl.name}", progress)
     with torch.no_grad():
         for r in range(rounds):
@@ -342,10 +351,16 @@ def run(wl: Workload, paths: Iterable[BenchPath] | str = "default", *, rounds: i
                 log.debug("round %d/%d done", r + 1, rounds)
     if bar is not None:
         bar.close()
-    if any(p.compiles for p in selected) and "torch._dynamo" in sys.modules:
-        del built
-        torch._dynamo.reset()  # free this model's compiled graphs before the next workload
     from .envinfo import machine_summary
 
+    machine = {**machine_summary(), "load_average": [load_before, _load_average()]}
     return BenchResult(workload=wl.name, description=wl.description, batch=wl.batch, flops=flops,
-                       peaks=peaks, paths=results, rounds=rounds, machine=machine_summary())
+                       peaks=peaks, paths=results, rounds=rounds, machine=machine)
+
+
+def _load_average() -> Optional[float]:
+    """The OS's 1-minute load average: how much else was running while we timed (None where unknown)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None

@@ -29,23 +29,18 @@ def _panel(ax, result: BenchResult) -> None:
     paths = list(reversed(result.paths))  # first path (eager fp32) at the top
     y = range(len(paths))
     speed = [result.speedup(p.name) if p.timed else 0.0 for p in paths]
-    base = result.path("eager_fp32")
     err_lo, err_hi = [], []
     for p, s in zip(paths, speed):
-        if p.timed and base is not None and base.timed:
-            lo, hi = p.quartiles_s
-            err_lo.append(max(s - base.median_s / hi, 0.0))
-            err_hi.append(max(base.median_s / lo - s, 0.0))
-        else:
-            err_lo.append(0.0)
-            err_hi.append(0.0)
+        lo, hi = result.speedup_quartiles(p.name) if p.timed else (s, s)
+        err_lo.append(0.0 if math.isnan(lo) else max(s - lo, 0.0))
+        err_hi.append(0.0 if math.isnan(hi) else max(hi - s, 0.0))
     colors = [COLORS.get(p.dtype, "#888888") for p in paths]
     ax.barh(list(y), speed, color=colors, xerr=[err_lo, err_hi], ecolor="#333333", capsize=3, height=0.65)
     ax.axvline(1.0, color="#444444", linestyle="--", linewidth=1)
     ax.set_yticks(list(y))
     ax.set_yticklabels([p.label for p in paths], fontsize=10)
-    top = max([s for s in speed if not math.isnan(s)] + [1.0])
-    ax.set_xlim(0, top * 1.55)
+    top = max([s + h for s, h in zip(speed, err_hi) if not math.isnan(s)] + [1.0])
+    ax.set_xlim(0, top * 1.6)  # room for the labels right of each whisker
     for i, (p, s, hi) in enumerate(zip(paths, speed, err_hi)):
         if p.timed:
             text = f"{s:.2f}x  {p.median_s * 1e3:.1f} ms"
@@ -55,7 +50,8 @@ def _panel(ax, result: BenchResult) -> None:
         else:
             ax.text(top * 0.03, i, f"{p.status}: {p.reason[:60]}", va="center", fontsize=8, color="#aa0000")
     ax.set_title(f"{result.workload}, batch {result.batch}: {result.description}", fontsize=11, loc="left")
-    ax.set_xlabel("speedup vs eager fp32 (higher is faster; bars = median, whiskers = interquartile range)")
+    ax.set_xlabel("speedup vs eager fp32, higher is faster (bar: median of per-round ratios; whiskers: "
+                  "their interquartile range)", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
 
 
@@ -66,7 +62,7 @@ def plot(results: list[BenchResult], path: str) -> None:
     from matplotlib.patches import Patch
 
     rows = sum(len(r.paths) for r in results)
-    fig = Figure(figsize=(11, 1.2 + 0.42 * rows + 0.9 * len(results)), layout="constrained")
+    fig = Figure(figsize=(11, 1.0 + 0.42 * rows + 1.0 * len(results)))
     axes = fig.subplots(len(results), 1, squeeze=False,
                         gridspec_kw={"height_ratios": [len(r.paths) + 1.5 for r in results]})[:, 0]
     for ax, result in zip(axes, results):
@@ -76,5 +72,6 @@ def plot(results: list[BenchResult], path: str) -> None:
     fig.suptitle(f"cpuboost bench on {m.get('cpu', '?')}: {m.get('torch_threads', '?')} threads, "
                  f"torch {m.get('torch', '?')}, {bf16}", fontsize=11)
     dtypes = sorted({p.dtype for r in results for p in r.paths}, key=list(COLORS).index)
-    fig.legend(handles=[Patch(color=COLORS[d], label=d) for d in dtypes], loc="outside lower right", ncols=3)
-    fig.savefig(path, dpi=110)
+    axes[0].legend(handles=[Patch(color=COLORS[d], label=d) for d in dtypes], loc="lower right", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # never clip the path labels

@@ -62,12 +62,27 @@ class BenchResult:
     def path(self, name: str) -> Optional[PathResult]:
         return next((p for p in self.paths if p.name == name), None)
 
-    def speedup(self, name: str, baseline: str = BASELINE) -> float:
-        """baseline median / path median: above 1 is faster than the baseline."""
+    def ratios(self, name: str, baseline: str = BASELINE) -> list[float]:
+        """Baseline time / path time, one per round: both ran in the same round, so drift cancels."""
         p, b = self.path(name), self.path(baseline)
         if p is None or b is None or not p.timed or not b.timed:
-            return math.nan
-        return b.median_s / p.median_s
+            return []
+        if len(p.samples_s) != len(b.samples_s):
+            return [b.median_s / p.median_s]
+        return [bs / ps for bs, ps in zip(b.samples_s, p.samples_s)]
+
+    def speedup(self, name: str, baseline: str = BASELINE) -> float:
+        """Median of the per-round ratios to the baseline: above 1 is faster than the baseline."""
+        ratios = self.ratios(name, baseline)
+        return statistics.median(ratios) if ratios else math.nan
+
+    def speedup_quartiles(self, name: str, baseline: str = BASELINE) -> tuple[float, float]:
+        ratios = self.ratios(name, baseline)
+        if len(ratios) < 2:
+            s = self.speedup(name, baseline)
+            return s, s
+        q = statistics.quantiles(ratios, n=4, method="inclusive")
+        return q[0], q[2]
 
     def gflops(self, p: PathResult) -> float:
         return self.flops / p.median_s / 1e9 if p.timed else math.nan
@@ -86,7 +101,15 @@ class BenchResult:
             f"machine: {m.get('cpu', '?')}; {m.get('torch_threads', '?')} torch threads; torch {m.get('torch', '?')}"
             f"; bf16 {bf16}",
             f"GEMM peak measured now: {peaks}",
-        ]
+        ] + self._load_line()
+
+    def _load_line(self) -> list[str]:
+        load, cpus = self.machine.get("load_average") or [None, None], self.machine.get("logical_cpus")
+        if None in load or not cpus:
+            return []
+        busy = max(load) > cpus + 0.5  # more runnable work than CPUs: other processes shared them
+        note = ": other work shared the CPUs, absolute times are inflated; compare ratios" if busy else ""
+        return [f"load average during timing: {load[0]:.1f} -> {load[1]:.1f} on {cpus} logical CPUs{note}"]
 
     def rows(self) -> list[list[str]]:
         out = []
@@ -114,7 +137,7 @@ class BenchResult:
             cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:-1], widths[1:])]
             lines.append("  ".join(cells + [r[-1]]).rstrip())
         lines += ["", f"median over {self.rounds} interleaved rounds; spread = half the interquartile range; "
-                      "vs eager fp32 = speedup (eager median / path median); % peak = GFLOP/s over the GEMM "
+                      "vs eager fp32 = median over rounds of eager time / path time in the same round; % peak = GFLOP/s over the GEMM "
                       "peak of the path's dtype; build s = first call (compile + verify)"]
         return "\n".join(lines)
 
@@ -133,7 +156,9 @@ class BenchResult:
             d = dataclasses.asdict(p)
             lo, hi = p.quartiles_s if p.timed else (None, None)
             d.update(median_s=p.median_s if p.timed else None, p25_s=lo, p75_s=hi,
-                     speedup_vs_eager_fp32=_num(self.speedup(p.name)), gflops=_num(self.gflops(p)),
+                     speedup_vs_eager_fp32=_num(self.speedup(p.name)),
+                     speedup_quartiles=[_num(x) for x in self.speedup_quartiles(p.name)] if p.timed else None,
+                     gflops=_num(self.gflops(p)),
                      pct_peak=_num(self.pct_peak(p)), items_per_s=self.batch / p.median_s if p.timed else None)
             paths.append(d)
         return {"workload": self.workload, "description": self.description, "batch": self.batch,

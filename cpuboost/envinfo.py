@@ -102,6 +102,7 @@ def format_text(info: dict[str, Any]) -> str:
 def machine_summary() -> dict[str, Any]:
     """The few facts a benchmark result must carry to be read later."""
     hw = hardware.detect()
-    return {"cpu": hw.cpu_model, "physical_cores": hw.physical_cores, "torch_threads": torch.get_num_threads(),
+    return {"cpu": hw.cpu_model, "physical_cores": hw.physical_cores, "logical_cpus": hw.logical_cpus,
+            "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "cpuboost": __version__, "features": sorted(hw.features),
             "native_bf16": hw.native_bf16, "torch_cpu_capability": hw.torch_capability}

@@ -124,7 +124,10 @@ def test_run_reports_medians_ratios_and_errors():
     base, bf16 = result.path("eager_fp32"), result.path("eager_bf16")
     assert len(base.samples_s) == 5 and len(bf16.samples_s) == 5
     assert result.speedup("eager_fp32") == pytest.approx(1.0)
-    assert result.speedup("eager_bf16") == pytest.approx(base.median_s / bf16.median_s)
+    paired = sorted(b / p for b, p in zip(base.samples_s, bf16.samples_s))
+    assert result.speedup("eager_bf16") == pytest.approx(paired[2])  # median of 5 same-round ratios
+    lo, hi = result.speedup_quartiles("eager_bf16")
+    assert paired[0] <= lo <= result.speedup("eager_bf16") <= hi <= paired[-1]
     assert base.max_rel_err == 0.0
     assert 0.0 < bf16.max_rel_err <= 3e-2
     assert set(result.peaks) == {"fp32", "bf16"} and all(v > 0 for v in result.peaks.values())
