@@ -81,9 +81,12 @@ def _load_plugins() -> None:
     for module_name in _PLUGIN_MODULES:
         if importlib.util.find_spec(module_name) is None:
             continue
-        hook = getattr(importlib.import_module(module_name), "register_bench_paths", None)
-        if hook is not None:
-            hook(register_path)
+        try:
+            hook = getattr(importlib.import_module(module_name), "register_bench_paths", None)
+            if hook is not None:
+                hook(register_path)
+        except Exception as exc:  # a broken optional backend must not take the benchmark down with it
+            log.warning("benchmark paths from %s not registered: %s: %s", module_name, type(exc).__name__, exc)
 
 
 def list_paths() -> list[str]:
@@ -307,13 +310,24 @@ def _per_call(fn: Callable, wl: Workload, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def run(wl: Workload, paths: Iterable[BenchPath] | str = "default", *, rounds: int = 10,
+def run(wl: Workload | str, paths: Iterable[BenchPath | str] | str = "default", *, rounds: int = 10,
         round_seconds: float = 0.3, warmup: int = 2, progress: Optional[bool] = None,
         measure_peak: bool = True) -> BenchResult:
-    """Build every path, then time them in interleaved rounds; returns a BenchResult (table, JSON, plot)."""
+    """Build every path, then time them in interleaved rounds; returns a BenchResult (table, JSON, plot).
+
+    ``wl`` is a Workload or a model spec for ``models.load`` ("resnet50", "file.py:factory");
+    ``paths`` are path/group names (a comma-separated string or a list) or BenchPath objects.
+    In a notebook the result displays as an HTML table.
+    """
     if rounds < 1:
         raise CpuBoostError(f"rounds={rounds} must be at least 1")
-    selected = resolve_paths(paths) if isinstance(paths, str) else list(paths)
+    if isinstance(wl, str):
+        from .models import load
+
+        wl = load(wl)
+    selected = [paths] if isinstance(paths, str) else list(paths)
+    if any(isinstance(p, str) for p in selected):
+        selected = resolve_paths([p if isinstance(p, str) else p.name for p in selected])
     reference = _reference_output(wl)
     flops = count_flops(wl)
     built: list[tuple[Callable, PathResult, int]] = []

@@ -216,3 +216,36 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(benchplot.PlotUnavailableError, match=r"cpuboost\[bench\]") as info:
         benchplot.plot([], str(tmp_path / "x.png"))
     assert isinstance(info.value, ImportError)
+
+
+def test_run_takes_a_model_spec_and_path_names(tmp_path, monkeypatch):
+    """bench.run accepts a model spec string and a list of path names, as a notebook user would type them."""
+    (tmp_path / "nbmodels.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    return torch.nn.Linear(4, 2).eval(), torch.randn(2, 4)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = bench.run("nbmodels:make", ["eager"], rounds=2, round_seconds=0.001, progress=False,
+                       measure_peak=False)
+    assert [p.name for p in result.paths] == ["eager_fp32", "eager_bf16"]
+    assert result.batch == 2 and all(p.timed for p in result.paths)
+
+
+def test_a_broken_plugin_hook_does_not_break_the_benchmark(monkeypatch, scratch_paths, caplog):
+    """A backend whose register_bench_paths raises is logged and skipped; the built-in paths still list."""
+    import importlib.machinery
+    import types
+
+    module = types.ModuleType("cpuboost_fake_backend")
+    module.__spec__ = importlib.machinery.ModuleSpec("cpuboost_fake_backend", None)
+
+    def hook(register):
+        raise OSError("libfoo.so: cannot open shared object file")
+
+    module.register_bench_paths = hook
+    monkeypatch.setitem(__import__("sys").modules, "cpuboost_fake_backend", module)
+    monkeypatch.setattr(bench, "_PLUGIN_MODULES", ("cpuboost_fake_backend",))
+    monkeypatch.setattr(bench, "_plugins_loaded", False)
+    with caplog.at_level(logging.WARNING, logger="cpuboost"):
+        names = bench.list_paths()
+    assert "eager_fp32" in names and "libfoo.so" in caplog.text
