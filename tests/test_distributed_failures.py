@@ -1,4 +1,4 @@
-"""A rank that dies, hangs or raises ends the whole 2-rank job non-zero, with the rank named."""
+"""A rank that dies or hangs ends the whole 2-rank job non-zero, with the rank named."""
 from __future__ import annotations
 
 import pytest
@@ -32,12 +32,5 @@ def test_hung_rank_makes_the_others_fail_after_the_timeout(tmp_path):
     assert "[rank0]: cpuboost.distributed.CollectiveTimeoutError: rank 0 of 2" in done.stderr
     assert f"timeout of {TIMEOUT_S}s" in done.stderr
     assert seconds < 60  # not torch's default 30 minutes
-
-
-def test_exception_in_one_rank_is_reported_with_its_rank(tmp_path):
-    """An exception on rank 1 is printed with a [rank1] prefix and shown in torchrun's summary for rank 1."""
-    done, _ = _fail(tmp_path, "raise")
-    assert done.returncode != 0
-    assert "[rank1]: ValueError: planned failure on rank 1" in done.stderr
-    summary = done.stderr[done.stderr.index("Root Cause"):]
-    assert "rank      : 1 (local_rank: 1)" in summary and "ValueError: planned failure on rank 1" in summary
+    summary = done.stderr[done.stderr.index("Root Cause"):]  # torchrun's summary, from rank 0's error file
+    assert "rank      : 0 (local_rank: 0)" in summary and "CollectiveTimeoutError: rank 0 of 2" in summary

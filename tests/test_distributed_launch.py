@@ -115,31 +115,20 @@ def test_bad_nproc_is_a_usage_error(capsys):
     assert exc.value.code == 2 and "--nproc-per-node 'lots'" in capsys.readouterr().err
 
 
-def _probes(stdout: str) -> dict[int, dict]:
-    rows = [json.loads(line[6:]) for line in stdout.splitlines() if line.startswith("PROBE ")]
-    return {row["local_rank"]: row for row in rows}
-
-
 @pytest.mark.distributed
-def test_real_launch_pins_each_rank_and_sets_threads(monkeypatch):
-    """python -m cpuboost.launch: 2 ranks on 2 cores get 1 thread each and one distinct CPU each."""
+def test_real_launch_pins_ranks_sets_threads_and_passes_exit_codes(monkeypatch, tmp_path):
+    """python -m cpuboost.launch, 2 ranks: one thread and distinct cores each; rank 1 exiting 3 fails the job."""
     env = rank_env()
     env.pop("OMP_NUM_THREADS")
     monkeypatch.setattr("dist_scripts.runner.rank_env", lambda: env)
-    done, _ = run(launch_cmd("--nproc-per-node", "2", "--standalone", PROBE, "a", "--b"), timeout=60)
-    assert done.returncode == 0, done.stderr
-    ranks = _probes(done.stdout)
-    cpus = launch.available_cpus()
-    assert sorted(ranks) == [0, 1] and all(r["argv"] == ["a", "--b"] for r in ranks.values())
-    if len(launch.physical_cores(cpus)) >= 2:
-        assert all(r["omp"] == str(len(launch.physical_cores(cpus)) // 2) for r in ranks.values())
-        assert set(ranks[0]["cpus"]).isdisjoint(ranks[1]["cpus"]) and ranks[0]["cpus"] and ranks[1]["cpus"]
-    assert "cpuboost launch: core binding" in done.stderr
-
-
-@pytest.mark.distributed
-def test_real_launch_returns_nonzero_when_a_rank_fails():
-    """A rank exiting 3 through the binding worker makes the launch fail and torchrun report exit code 3."""
-    done, _ = run(launch_cmd("--nproc-per-node", "2", "--standalone", PROBE, "--exit-code", "3"), timeout=60)
-    assert done.returncode == 1
+    done, _ = run(launch_cmd("--nproc-per-node", "2", "--standalone", PROBE, str(tmp_path), "--exit-code", "3"),
+                  timeout=60)
+    assert done.returncode == 1  # torchrun saw rank 1's exit code through the binding worker
     assert "exitcode  : 3" in done.stderr and "local_rank: 1" in done.stderr
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["argv"] == ["--exit-code", "3"] for r in ranks)
+    cores = launch.physical_cores(launch.available_cpus())
+    assert all(r["omp"] == str(max(1, len(cores) // 2)) for r in ranks)
+    if len(cores) >= 2:
+        assert ranks[0]["cpus"] and ranks[1]["cpus"] and set(ranks[0]["cpus"]).isdisjoint(ranks[1]["cpus"])
+        assert "cpuboost launch: core binding (local ranks)" in done.stderr

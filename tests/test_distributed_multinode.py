@@ -26,7 +26,7 @@ def test_two_nodes_train_to_the_single_process_result(tmp_path):
         for p in nodes:
             stop(p)
     assert [d.returncode for d in done] == [0, 0], "\n".join(d.stderr[-3000:] for d in done)
-    report = json.loads(out.read_text())
+    report = json.loads(out.read_text())["fp32:fp32"]
     assert report["world_size"] == 2 and report["is_ddp"]
     reference = train_tiny.train_reference("fp32", epochs=2)
     assert max((torch.tensor(report["params"][k]) - v).abs().max().item() for k, v in reference.items()) <= 1e-5

@@ -14,7 +14,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 import cpuboost
 import cpuboost.distributed as cbd
-from cpuboost._dist_errors import explain_failure
+from cpuboost._dist_errors import explain_failure, install_excepthook
 from cpuboost.errors import CpuBoostError, InvalidOptionError
 
 from dist_scripts import train_tiny
@@ -78,7 +78,7 @@ def test_training_script_runs_unchanged_as_one_process(no_torchrun, tmp_path, mo
     out = tmp_path / "out.json"
     monkeypatch.setattr(sys, "argv", ["train_tiny.py", "--out", str(out), "--epochs", "1"])
     train_tiny.main()
-    report = json.loads(out.read_text())
+    report = json.loads(out.read_text())["fp32:fp32"]
     assert report["world_size"] == 1 and not report["is_ddp"] and report["steps"] == 6
 
 
@@ -218,3 +218,24 @@ def test_rank_logger_logs_on_main_process_only_by_default(as_rank1_of_2, caplog)
         log.info("step %d", 7, main_process_only=False)
     assert [r.getMessage() for r in caplog.records] == ["[rank 1/2] step 7"]
     assert caplog.records[0].funcName == "test_rank_logger_logs_on_main_process_only_by_default"
+
+
+def test_excepthook_records_the_error_file_and_explains_collectives(no_torchrun, monkeypatch, tmp_path):
+    """The hook writes torchrun's error file, passes errors on, and re-raises gloo timeouts as ours (chained)."""
+    seen = []
+    monkeypatch.setattr(sys, "excepthook", lambda *args: seen.append(args))
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    install_excepthook(7.0)
+    install_excepthook(7.0)  # idempotent: chained once
+    try:
+        raise ValueError("planned")
+    except ValueError as exc:
+        sys.excepthook(ValueError, exc, exc.__traceback__)
+    message = json.loads((tmp_path / "error.json").read_text())["message"]
+    assert message["message"] == "ValueError: planned" and 'raise ValueError("planned")' in \
+        message["extraInfo"]["py_callstack"]
+    raw = RuntimeError("[unbound_buffer.cc:78] Timed out waiting 7000ms for recv operation to complete")
+    sys.excepthook(RuntimeError, raw, None)
+    assert [type(args[1]) for args in seen] == [ValueError, cbd.CollectiveTimeoutError]
+    assert seen[1][1].__cause__ is raw and "timeout of 7s" in str(seen[1][1])
+    assert "CollectiveTimeoutError: rank 0 of 1" in (tmp_path / "error.json").read_text()

@@ -27,8 +27,8 @@ def _max_abs_diff(report: dict, reference: dict[str, torch.Tensor]) -> float:
 def fp32_run(tmp_path_factory):
     """Two epochs of fp32 training on 2 ranks; rank 0 saves a checkpoint after the first."""
     tmp = tmp_path_factory.mktemp("fp32")
-    report = train_2ranks(tmp / "out.json", "--save", str(tmp / "ck.pt"), "--save-after", "1")
-    return report, tmp / "ck.pt"
+    reports = train_2ranks(tmp / "out.json", "--save", str(tmp / "ck.pt"), "--save-after", "1")
+    return reports["fp32:fp32"], tmp / "ck.pt"
 
 
 def test_two_ranks_match_one_process_on_concatenated_batches_fp32(fp32_run):
@@ -57,18 +57,31 @@ def test_sharded_loader_advances_one_epoch_per_pass(fp32_run):
 def test_checkpoint_from_rank0_resumes_in_a_new_two_rank_run(fp32_run, tmp_path):
     """A new 2-rank run resumed from rank 0's epoch-1 checkpoint ends where the uninterrupted run ended."""
     report, checkpoint = fp32_run
-    resumed = train_2ranks(tmp_path / "out.json", "--resume", str(checkpoint))
+    resumed = train_2ranks(tmp_path / "out.json", "--resume", str(checkpoint))["fp32:fp32"]
     assert resumed["epochs_seen"] == [1] and resumed["steps"] == train_tiny.STEPS_PER_EPOCH
     reference = {k: torch.tensor(v) for k, v in report["params"].items()}
     assert _max_abs_diff(resumed, reference) <= 1e-6
 
 
-def test_bf16_training_with_bf16_gradient_allreduce(tmp_path):
+@pytest.fixture(scope="module")
+def bf16_runs(tmp_path_factory):
+    """One 2-rank job training two models in turn: bf16 autocast with bf16 gradients, fp32 with bf16 gradients."""
+    return train_2ranks(tmp_path_factory.mktemp("bf16") / "out.json", "--variants", "bf16:bf16,fp32:bf16")
+
+
+def test_bf16_training_with_bf16_gradient_allreduce(bf16_runs):
     """bf16 autocast + bf16 all-reduce over gloo: gradients are bf16 values, parameters within 2e-2."""
-    report = train_2ranks(tmp_path / "out.json", "--dtype", "bf16", "--gradient-dtype", "bf16")
+    report = bf16_runs["bf16:bf16"]
     assert report["grads_bf16_exact"] is True  # the hook ran: every averaged gradient is a bf16 number
     reference = train_tiny.train_reference("bf16", epochs=2)
     assert _max_rel_diff(report, reference) <= 2e-2
+
+
+def test_bf16_allreduce_of_fp32_training_stays_close(bf16_runs):
+    """fp32 training with bf16 gradient all-reduce: bf16-rounded gradients, parameters within 2e-2 of fp32."""
+    report = bf16_runs["fp32:bf16"]
+    assert report["grads_bf16_exact"] is True
+    assert _max_rel_diff(report, train_tiny.train_reference("fp32", epochs=2)) <= 2e-2
 
 
 def test_fp32_gradients_are_not_rounded_to_bf16(fp32_run):

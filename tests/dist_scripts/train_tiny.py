@@ -77,22 +77,9 @@ def _fail(how: str) -> None:
         raise ValueError(f"planned failure on rank {cbd.rank()}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", required=True)
-    p.add_argument("--dtype", default="fp32")
-    p.add_argument("--gradient-dtype", default="fp32")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--timeout", type=float, default=60.0)
-    p.add_argument("--save", help="rank 0 saves a checkpoint here after --save-after epochs")
-    p.add_argument("--save-after", type=int, default=1)
-    p.add_argument("--resume", help="checkpoint to resume from")
-    p.add_argument("--fail-rank", type=int, default=-1)
-    p.add_argument("--fail-step", type=int, default=2)
-    p.add_argument("--fail-how", choices=("kill", "hang", "raise"), default="raise")
-    a = p.parse_args()
-
-    net, opt = make_training(a.dtype)
+def train(a: argparse.Namespace, dtype: str, gradient_dtype: str) -> dict:
+    """One model trained data-parallel (or alone, without torchrun); what the tests check about it."""
+    net, opt = make_training(dtype)
     start = 0
     if a.resume:
         ck = torch.load(a.resume, map_location="cpu")
@@ -100,7 +87,7 @@ def main() -> None:
         opt.load_state_dict(ck["opt"])
         start = ck["epoch"]
     loader = DataLoader(make_dataset(), batch_size=PER_RANK_BATCH, shuffle=True)
-    net, opt, loader = cbd.prepare(net, opt, loader, gradient_dtype=a.gradient_dtype, timeout=a.timeout)
+    net, opt, loader = cbd.prepare(net, opt, loader, gradient_dtype=gradient_dtype, timeout=a.timeout)
     cbd.set_epoch(loader, start)
     report = {"world_size": cbd.world_size(), "threads": torch.get_num_threads(),
               "is_ddp": isinstance(net, nn.parallel.DistributedDataParallel),
@@ -129,9 +116,30 @@ def main() -> None:
             cbd.barrier()
     report["steps"] = n
     report["params"] = {k: v.tolist() for k, v in cbd.unwrap(net).state_dict().items()}
+    return report
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True, help="rank 0 writes {variant: report} here as JSON")
+    p.add_argument("--variants", default="fp32:fp32",
+                   help="models to train one after the other, as dtype:gradient_dtype, comma-separated")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--save", help="rank 0 saves a checkpoint here after --save-after epochs (one variant)")
+    p.add_argument("--save-after", type=int, default=1)
+    p.add_argument("--resume", help="checkpoint to resume from (one variant)")
+    p.add_argument("--fail-rank", type=int, default=-1)
+    p.add_argument("--fail-step", type=int, default=2)
+    p.add_argument("--fail-how", choices=("kill", "hang", "raise"), default="raise")
+    a = p.parse_args()
+    variants = a.variants.split(",")
+    if (a.save or a.resume) and len(variants) > 1:
+        p.error("--save/--resume take one variant")
+    reports = {v: train(a, *v.split(":")) for v in variants}
     if cbd.is_main_process():
         with open(a.out, "w", encoding="utf-8") as fh:
-            json.dump(report, fh)
+            json.dump(reports, fh)
 
 
 if __name__ == "__main__":
