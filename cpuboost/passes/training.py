@@ -62,12 +62,16 @@ def _fp16(ctx: PlanContext) -> Optional[str]:
 # -- the fused optimizer step --------------------------------------------------------------------------
 
 
-class PlainFlags:
-    """Optimizer hooks that keep cpuboost's fused step invisible to checkpoints.
+class FusedStepHooks:
+    """Optimizer hooks that keep cpuboost's fused step safe and invisible to checkpoints.
 
-    ``state_dict()`` reports each group's ``fused``/``foreach`` as the user built them, so a checkpoint is
-    the one a plain optimizer writes; ``load_state_dict()`` (which copies those flags back from the
-    checkpoint) is followed by switching the fused step on again.
+    - ``state_dict()`` reports each group's ``fused``/``foreach`` as the user built them, so a checkpoint is
+      the one a plain optimizer writes; ``load_state_dict()`` (which copies those flags back from the
+      checkpoint) is followed by switching the fused step on again.
+    - Before each step, gradients and optimizer state get their parameter's memory layout. torch 2.13's CPU
+      fused kernels walk params, grads and state as flat memory without checking that their strides agree
+      (CUDA checks), so a contiguous state next to a channels_last parameter (a plain checkpoint loaded, or
+      Adagrad's state made before the layout change) silently trains wrong.
     """
 
     def __init__(self, plain: list[dict[str, Any]]) -> None:
@@ -85,9 +89,38 @@ class PlainFlags:
             if index < len(optimizer.param_groups):
                 optimizer.param_groups[index].update(fused=True, foreach=False)
 
+    def step_pre(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        groups = optimizer.param_groups
+        for index in self.fused_groups:
+            if index < len(groups) and groups[index].get("fused"):
+                match_layout(optimizer, groups[index]["params"])
+
+
+def _like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` copied into ``param``'s strides (empty_like keeps a dense tensor's strides)."""
+    return torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+def match_layout(optimizer: torch.optim.Optimizer, params: list) -> int:
+    """Give grads and per-parameter state tensors their parameter's strides; returns how many changed."""
+    changed = 0
+    for p in params:
+        stride = p.stride()
+        grad = p.grad
+        if grad is not None and grad.stride() != stride and grad.shape == p.shape and not grad.is_sparse:
+            p.grad = _like(p, grad)
+            changed += 1
+        state = optimizer.state.get(p)
+        if state:
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != stride:
+                    state[key] = _like(p, value)
+                    changed += 1
+    return changed
+
 
 # One set of hooks per optimizer, however often it is prepared; weak, so optimizers are freed normally.
-_HOOKS: "weakref.WeakKeyDictionary[torch.optim.Optimizer, PlainFlags]" = weakref.WeakKeyDictionary()
+_HOOKS: "weakref.WeakKeyDictionary[torch.optim.Optimizer, FusedStepHooks]" = weakref.WeakKeyDictionary()
 
 
 def _group_blocker(group: dict) -> Optional[str]:
@@ -136,7 +169,7 @@ def fused_optimizer(model: nn.Module, ctx: PassContext) -> nn.Module:
     hooks = _HOOKS.get(opt)
     fresh = hooks is None
     if fresh:
-        hooks = PlainFlags([{k: g.get(k) for k in _FLAGS} for g in opt.param_groups])
+        hooks = FusedStepHooks([{k: g.get(k) for k in _FLAGS} for g in opt.param_groups])
     switched, kept = [], []
     for index, group in enumerate(opt.param_groups):
         blocker = _group_blocker(group)
@@ -147,10 +180,14 @@ def fused_optimizer(model: nn.Module, ctx: PassContext) -> nn.Module:
     if fresh:  # register before touching the groups, so a failure leaves no flags without hooks
         opt.register_state_dict_post_hook(hooks.state_dict_post)
         opt.register_load_state_dict_post_hook(hooks.load_state_dict_post)
+        opt.register_step_pre_hook(hooks.step_pre)
         _HOOKS[opt] = hooks
     for index in switched:
         opt.param_groups[index].update(fused=True, foreach=False)
     hooks.fused_groups.update(switched)
+    moved = match_layout(opt, [p for i in switched for p in opt.param_groups[i]["params"]])
+    if moved:
+        ctx.note(f"{moved} gradient/state tensor(s) given their parameter's memory layout")
     ctx.note(f"{type(opt).__name__}: fused=True on {len(switched)} of {len(opt.param_groups)} param group(s); "
              "state_dict() keeps your own flags, so checkpoints load into plain optimizers and back")
     ctx.notes.extend(kept)
