@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from .registry import PassContext, PassSpec, Plan
 from .report import PassRecord, Report
 
 log = logging.getLogger("cpuboost")
+_NO_GRAPH = object()
 
 
 class TrainingModule(ModelProxy):
@@ -55,17 +56,25 @@ class TrainingModule(ModelProxy):
         return self._scaler
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        fn = self._compiled or (self._build(args, kwargs) if self._candidates else None)
-        if fn is not None:
-            return _outputs_fp32(fn(*args, **kwargs), self._autocast)
+        if self._compiled is None and self._candidates:
+            out = self._first_graph_call(args, kwargs)
+            if out is not _NO_GRAPH:
+                return out
+        if self._compiled is not None:
+            return _outputs_fp32(self._compiled(*args, **kwargs), self._autocast)
         if self._autocast is None:
             return self._original(*args, **kwargs)
         with torch.autocast("cpu", dtype=self._autocast):
             out = self._original(*args, **kwargs)
         return _outputs_fp32(out, self._autocast)
 
-    def _build(self, args: tuple, kwargs: dict) -> Optional[Callable]:
-        """Try the plan's graph passes once (the first call); a failure is recorded and eager is kept."""
+    def _first_graph_call(self, args: tuple, kwargs: dict) -> Any:
+        """Try the plan's graph passes on this first call (torch.compile compiles here); keep eager if all fail.
+
+        A compiled forward is not verified against eager: a training forward has side effects (BatchNorm
+        statistics, dropout RNG) that a reference run would disturb. Its backward compiles at the first
+        ``backward()``, outside cpuboost's reach.
+        """
         with self._build_lock:
             while self._candidates and self._compiled is None:
                 spec = self._candidates.pop(0)
@@ -73,15 +82,18 @@ class TrainingModule(ModelProxy):
                 started = time.perf_counter()
                 ctx = PassContext(self._options, hardware.detect(), "train", None, args, kwargs)
                 try:
-                    self.__dict__["_compiled"] = spec.fn(self._original, args, kwargs, ctx)
+                    fn = spec.fn(self._original, args, kwargs, ctx)
+                    out = fn(*args, **kwargs)
                 except Exception as exc:  # record it; the eager forward is always there
                     _failed(record, exc, started)
+                    self._report.events.append(f"{spec.name} failed on the first call; training runs eagerly")
                     log.warning("cpuboost: training graph %s failed: %s", spec.name, exc)
                     continue
                 record.status, record.seconds = "applied", time.perf_counter() - started
-                record.detail = (f"{spec.doc}; compiles on this first call and per new input shape "
-                                 "(not verified against eager: a training forward has side effects)")
-        return self._compiled
+                record.detail = f"{spec.doc.rstrip('.')}; built on the first call (recompiles per new input shape)"
+                self.__dict__["_compiled"] = fn
+                return _outputs_fp32(out, self._autocast)
+        return _NO_GRAPH
 
     def explain(self) -> Report:
         return self._report
