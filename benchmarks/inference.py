@@ -18,7 +18,7 @@ import sys
 import torch
 
 from cpuboost import bench, benchplot, models
-from cpuboost.benchresult import BenchResult, write_json
+from cpuboost.benchresult import BenchResult, load_json, write_json
 
 WORKLOADS = {  # name -> (model, batch)
     "resnet50_b1": ("resnet50", 1),
@@ -34,14 +34,15 @@ TARGETS = {"resnet50_b1": (2.5, 0.95), "bert_s128_b1": (2.4, 0.95)}
 
 
 def summary(results: list[BenchResult]) -> list[str]:
-    """A markdown table: speedup vs eager fp32 per path, with the eager fp32 latency and build times."""
+    """A markdown table: eager fp32 latency, then each path's speedup (median of same-round ratios, with
+    their interquartile range) and its first-call build time."""
     names = list(dict.fromkeys(p.name for r in results for p in r.paths if p.name != "eager_fp32"))
     labels = {p.name: p.label for r in results for p in r.paths}
-    head = ["workload", "eager fp32 ms"] + [labels[n] for n in names]
+    head = ["workload", "eager fp32 (median)"] + [labels[n] for n in names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         base = r.path("eager_fp32")
-        cells = [f"{r.workload} b{r.batch}", f"{base.median_s * 1e3:.1f}" if base and base.timed else "n/a"]
+        cells = [f"{r.workload} b{r.batch}", f"{base.median_s * 1e3:.0f} ms" if base and base.timed else "n/a"]
         for n in names:
             p = r.path(n)
             if p is None:
@@ -49,8 +50,9 @@ def summary(results: list[BenchResult]) -> list[str]:
             elif not p.timed:
                 cells.append(p.status)
             else:
+                lo, hi = r.speedup_quartiles(n)
                 build = f", build {p.build_s:.0f} s" if p.build_s >= 1 else ""
-                cells.append(f"{r.speedup(n):.2f}x ({p.median_s * 1e3:.1f} ms{build})")
+                cells.append(f"**{r.speedup(n):.2f}x** ({lo:.2f}-{hi:.2f}{build})")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round-seconds", type=float, default=0.3)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--name", default=None, help="file name stem (default: issue2, suite or the workloads)")
+    parser.add_argument("--from-json", metavar="FILE", help="re-render tables, summary and chart from a saved run")
     args = parser.parse_args(argv)
     unknown = [w for w in args.workloads if w not in WORKLOADS]
     if unknown:
@@ -98,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         plot = False
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     os.makedirs(args.out, exist_ok=True)
+    if args.from_json:
+        results = load_json(args.from_json)
+        chosen = [f"{r.workload}_b{r.batch}" if r.workload != "bert" else f"bert_s128_b{r.batch}" for r in results]
+        for r in results:
+            print(r.table(), "\n")
+        return _finish(results, chosen, args.out, args.name or "rerendered", plot, write=False)
     results = []
     for key in chosen:
         model, batch = WORKLOADS[key]
@@ -109,19 +118,23 @@ def main(argv: list[str] | None = None) -> int:
         del workload
         if "torch._dynamo" in sys.modules:
             torch._dynamo.reset()  # free this workload's compiled graphs before the next one
+    return _finish(results, chosen, args.out, name, plot, write=True)
+
+
+def _finish(results: list[BenchResult], chosen: list[str], out: str, name: str, plot: bool, write: bool) -> int:
     lines = summary(results)
     checks = [issue2_check(r, key) for r, key in zip(results, chosen) if key in TARGETS
               and r.path("cpuboost_bf16") is not None and r.path("compile_bf16") is not None]
-    stem = os.path.join(args.out, f"inference-{name}")
+    stem = os.path.join(out, f"inference-{name}")
     with open(stem + ".md", "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines + [""] + checks) + "\n")
     print("\n".join(lines + [""] + checks))
-    write_json(results, stem + ".json")
+    if write:
+        write_json(results, stem + ".json")
     if plot:
         benchplot.plot(results, stem + ".png")
-    print(f"wrote {stem}.json, .md{', .png' if plot else ''}", file=sys.stderr)
+    print(f"wrote {stem}{'.json, ' if write else ''}.md{', .png' if plot else ''}", file=sys.stderr)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

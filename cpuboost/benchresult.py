@@ -58,6 +58,7 @@ class BenchResult:
     paths: list[PathResult]
     rounds: int
     machine: dict[str, Any]
+    startup_s: float = 0.0  # torch.compile/Inductor's once-per-process start, paid before any timed build
 
     def path(self, name: str) -> Optional[PathResult]:
         return next((p for p in self.paths if p.name == name), None)
@@ -101,7 +102,9 @@ class BenchResult:
             f"machine: {m.get('cpu', '?')}; {m.get('torch_threads', '?')} torch threads; torch {m.get('torch', '?')}"
             f"; bf16 {bf16}",
             f"GEMM peak measured now: {peaks}",
-        ] + self._load_line()
+        ] + self._load_line() + (
+            [f"torch.compile/Inductor start-up: {self.startup_s:.1f} s (once per process, in no path's build s)"]
+            if self.startup_s else [])
 
     def _load_line(self) -> list[str]:
         load, cpus = self.machine.get("load_average") or [None, None], self.machine.get("logical_cpus")
@@ -138,7 +141,9 @@ class BenchResult:
             lines.append("  ".join(cells + [r[-1]]).rstrip())
         lines += ["", f"median over {self.rounds} interleaved rounds; spread = half the interquartile range; "
                       "vs eager fp32 = median over rounds of eager time / path time in the same round; % peak = GFLOP/s over the GEMM "
-                      "peak of the path's dtype; build s = first call (compile + verify)"]
+                      "peak of the path's dtype; build s = first call (compile + verify), built in table order: "
+                      "a later path that compiles a graph an earlier one compiled reuses its kernels, so its "
+                      "build s is a lower bound"]
         return "\n".join(lines)
 
     __str__ = table
@@ -162,8 +167,29 @@ class BenchResult:
                      pct_peak=_num(self.pct_peak(p)), items_per_s=self.batch / p.median_s if p.timed else None)
             paths.append(d)
         return {"workload": self.workload, "description": self.description, "batch": self.batch,
+                "startup_s": self.startup_s,
                 "flops": self.flops, "gemm_peak_gflops": self.peaks, "rounds": self.rounds,
                 "machine": self.machine, "paths": paths}
+
+
+def load_json(path: str) -> list[BenchResult]:
+    """Results written by write_json, back as BenchResults (to re-render tables and charts without rerunning)."""
+    with open(path, encoding="utf-8") as fh:
+        doc = json.load(fh)
+    if doc.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: schema {doc.get('schema')!r} is not {SCHEMA!r}")
+    fields = [f.name for f in dataclasses.fields(PathResult)]
+    results = []
+    for r in doc["results"]:
+        paths = []
+        for p in r["paths"]:
+            p = {k: p[k] for k in fields if k in p}
+            if isinstance(p.get("max_rel_err"), str):
+                p["max_rel_err"] = float(p["max_rel_err"])
+            paths.append(PathResult(**p))
+        results.append(BenchResult(r["workload"], r["description"], r["batch"], r["flops"], r["gemm_peak_gflops"],
+                                   paths, r["rounds"], r["machine"], r.get("startup_s", 0.0)))
+    return results
 
 
 def _si(value: float) -> str:
