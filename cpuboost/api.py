@@ -76,10 +76,12 @@ def optimize(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *
 
 def _check_backend(opts: Options, plan: registry.Plan) -> None:
     """An explicitly requested backend that cannot run is an error, not a quiet fallback."""
-    if opts.backend in ("auto", "eager") or plan.mode == "train":
+    if opts.backend in ("auto", "eager") or (plan.mode == "train" and opts.backend != "ipex"):
         return
     names = {"native": "inductor"}.get(opts.backend, opts.backend)
-    if any(p.name == names for p in plan.graph_passes):
+    if plan.mode == "train":  # IPEX training is a train pass, not a graph pass
+        names = "ipex_optimize"
+    if any(p.name == names for p in plan.graph_passes + plan.module_passes):
         return
     why = dict(plan.skipped).get(names, "no graph pass serves it")
     from .errors import BackendUnavailableError

@@ -28,6 +28,13 @@ class ModelProxy(nn.Module):
         except AttributeError:
             return getattr(self.__dict__["_original"], name)
 
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        # The original's own, so per-instance overrides apply (IPEX training returns fp32 master weights).
+        return self._original.state_dict(*args, **kwargs)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._original._load_from_state_dict(*args, **kwargs)
+
     def _get_name(self) -> str:
         return f"Optimized[{type(self._original).__name__}]"
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 def register_builtins() -> None:
-    from . import folding, graph, layout, mode, precision, training  # noqa: F401
+    from . import folding, graph, ipex, layout, mode, precision, training  # noqa: F401
 
-    for module in (mode, folding, layout, precision, graph, training):
+    for module in (mode, folding, layout, precision, graph, training, ipex):
         module.register()
