@@ -105,6 +105,8 @@ def match_layout(optimizer: torch.optim.Optimizer, params: list) -> int:
     """Give grads and per-parameter state tensors their parameter's strides; returns how many changed."""
     changed = 0
     for p in params:
+        if p.dim() < 2:  # one dimension has one memory order
+            continue
         stride = p.stride()
         grad = p.grad
         if grad is not None and grad.stride() != stride and grad.shape == p.shape and not grad.is_sparse:
