@@ -1,10 +1,11 @@
 """Training throughput: 1 process using every core vs several processes (DDP over gloo), same run.
 
     python benchmarks/scaling.py                      # 1 x all cores vs 2 x half, fp32, small ConvNet
-    python benchmarks/scaling.py --procs 1,2,4 --dtype bf16 --reps 5
+    python benchmarks/scaling.py --configs 1x2,2x1,1x1 --dtype bf16 --reps 5
 
-Each configuration is started with ``python -m cpuboost.launch --nproc-per-node P`` (threads per rank =
-physical cores / P, ranks pinned to their cores), trains ``cpuboost.models.ConvNet`` on random 32x32 images
+A configuration PxT is started with ``python -m cpuboost.launch --nproc-per-node P`` and
+``OMP_NUM_THREADS=T`` (for the default configurations T is what the launcher itself picks: physical
+cores / P; ranks are pinned to their cores when they fit), trains ``cpuboost.models.ConvNet`` on random 32x32 images
 with cpuboost's training path + ``cpuboost.distributed.prepare``, and reports global samples/s (every
 rank's samples, timed between barriers after warm-up). Configurations are interleaved, ``--reps`` times,
 and the median is shown, so load from other work on the machine hits them alike.
@@ -59,12 +60,13 @@ def worker(args: argparse.Namespace) -> None:
                        "world": world}, fh)
 
 
-def _launch(procs: int, args: argparse.Namespace, out: str) -> dict:
+def _launch(procs: int, threads: int, args: argparse.Namespace, out: str) -> dict:
     cmd = [sys.executable, "-m", "cpuboost.launch", "--nproc-per-node", str(procs), "--standalone",
            os.path.abspath(__file__), "--worker", "--out", out, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--global-batch", str(args.global_batch), "--width", str(args.width),
            "--dtype", args.dtype, "--gradient-dtype", args.gradient_dtype]
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # let the launcher choose
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["OMP_NUM_THREADS"] = str(threads)
     env.setdefault("PYTHONWARNINGS", "ignore")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.limit)
     if done.returncode != 0:
@@ -73,9 +75,25 @@ def _launch(procs: int, args: argparse.Namespace, out: str) -> dict:
         return json.load(fh)
 
 
+def _configs(spec: str) -> list[tuple[int, int]]:
+    if spec == "auto":
+        from cpuboost.launch import available_cpus, physical_cores
+
+        cores = len(physical_cores(available_cpus()))
+        return [(1, cores), (2, max(1, cores // 2))]
+    try:
+        pairs = [tuple(int(n) for n in item.lower().split("x")) for item in spec.split(",")]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 or min(p) < 1 for p in pairs):
+        raise SystemExit(f"--configs {spec!r}: expected PROCSxTHREADS items like 1x2,2x1")
+    return pairs
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--procs", default="1,2", help="processes per configuration, comma-separated (default 1,2)")
+    p.add_argument("--configs", default="auto",
+                   help="processes x threads, comma-separated, e.g. 1x2,2x1 (auto: 1xC,2x(C/2) for C physical cores)")
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions; the median is reported")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
@@ -90,27 +108,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
-    procs = [int(x) for x in args.procs.split(",")]
-    rates: dict[int, list[float]] = {n: [] for n in procs}
-    threads: dict[int, int] = {}
+    configs = _configs(args.configs)
+    rates: dict[tuple[int, int], list[float]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.reps):
-            for n in procs:
-                result = _launch(n, args, os.path.join(tmp, f"{n}-{rep}.json"))
-                rates[n].append(result["samples_per_s"])
-                threads[n] = result["threads"]
-                print(f"rep {rep + 1}/{args.reps}: {n} process(es) x {threads[n]} thread(s): "
+            for procs, threads in configs:
+                result = _launch(procs, threads, args, os.path.join(tmp, f"{procs}x{threads}-{rep}.json"))
+                rates[(procs, threads)].append(result["samples_per_s"])
+                print(f"rep {rep + 1}/{args.reps}: {procs} process(es) x {result['threads']} thread(s): "
                       f"{result['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
-    base = statistics.median(rates[procs[0]])
+    base = statistics.median(rates[configs[0]])
     print(f"\nConvNet(width={args.width}) training, 32x32, global batch {args.global_batch}, dtype {args.dtype}, "
           f"gradients {args.gradient_dtype}, {args.steps} timed steps, median of {args.reps}")
     print("| processes x threads | samples/s (median) | all runs | vs first row |")
     print("|---|---|---|---|")
-    for n in procs:
-        med = statistics.median(rates[n])
-        runs = ", ".join(f"{r:.0f}" for r in rates[n])
-        print(f"| {n} x {threads[n]} | {med:.1f} | {runs} | {med / base:.2f}x |")
-    print("\ncommand: " + shlex.join([os.path.relpath(sys.executable), "benchmarks/scaling.py", *(argv or sys.argv[1:])]))
+    for procs, threads in configs:
+        med = statistics.median(rates[(procs, threads)])
+        runs = ", ".join(f"{r:.0f}" for r in rates[(procs, threads)])
+        print(f"| {procs} x {threads} | {med:.1f} | {runs} | {med / base:.2f}x |")
+    command = [os.path.relpath(sys.executable), "benchmarks/scaling.py", *(sys.argv[1:] if argv is None else argv)]
+    print("\ncommand: " + shlex.join(command))
     return 0
 
 

@@ -46,7 +46,7 @@ def _where() -> tuple[int, int]:
     return distributed.rank(), distributed.world_size()
 
 
-def explain_failure(exc: BaseException, timeout_s: float) -> Optional[CpuBoostError]:
+def explain_failure(exc: BaseException, timeout_s: Optional[float]) -> Optional[CpuBoostError]:
     """A clearer error for a failed collective (None when ``exc`` is something else)."""
     if not isinstance(exc, RuntimeError) or isinstance(exc, CpuBoostError):
         return None
@@ -57,11 +57,11 @@ def explain_failure(exc: BaseException, timeout_s: float) -> Optional[CpuBoostEr
             f"rank {r} of {w}: another rank closed its connection during a collective, so it crashed or was "
             "killed; its own error and exit code are in its output and in torchrun's failure summary")
     if _TIMEOUT.search(text):
+        limit = f"the timeout of {timeout_s:g}s" if timeout_s else "the process group's timeout"
         return CollectiveTimeoutError(
-            f"rank {r} of {w}: a collective (gradient all-reduce, barrier or broadcast) waited more than the "
-            f"timeout of {timeout_s:g}s for the other ranks: one of them is stuck or dead. If a rank "
-            "legitimately works alone that long (evaluation, saving), raise it: "
-            "cbd.prepare(..., timeout=SECONDS)")
+            f"rank {r} of {w}: a collective (gradient all-reduce, barrier or broadcast) waited more than {limit} "
+            "for the other ranks: one of them is stuck or dead. If a rank legitimately works alone that long "
+            "(evaluation, saving), raise it: cbd.prepare(..., timeout=SECONDS)")
     return None
 
 
@@ -79,7 +79,7 @@ def _write_error_file(exc: BaseException) -> None:
         pass
 
 
-def install_excepthook(timeout_s: float) -> None:
+def install_excepthook(timeout_s: Optional[float]) -> None:
     """Chain a hook (once per process) that explains failed collectives and records the error file."""
     _installed["timeout_s"] = timeout_s
     if _installed.get("hook") is not None and sys.excepthook is _installed["hook"]:

@@ -150,8 +150,8 @@ def init(backend: str = "gloo", timeout: Any = DEFAULT_TIMEOUT_S) -> bool:
     ``WORLD_SIZE`` (a plain ``python train.py``) nothing is initialised and False comes back.
     """
     backend, limit = _backend(backend), _timeout(timeout)
-    if _dist_ready():
-        install_excepthook(limit.total_seconds())
+    if _dist_ready():  # the user's own group: its timeout is whatever they gave it
+        install_excepthook(None)
         return torch.distributed.get_world_size() > 1
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
