@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--list-paths", action="store_true", help="list paths and groups, then exit")
     bench.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
     bench.add_argument("-v", "--verbose", action="store_true", help="debug messages on stderr")
+    bench.set_defaults(usage_parser=bench)  # so errors found after parsing print this subcommand's usage
 
     sub.add_parser("launch", add_help=False, help="run a script with tuned CPU threads/affinity "
                                                   "(see: cpuboost launch --help)")
@@ -115,12 +116,12 @@ def _list_paths() -> int:
     return 0
 
 
-def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _bench(args: argparse.Namespace) -> int:
     from . import bench, benchplot, models
     from .benchresult import write_json
     from .errors import CpuBoostError
 
-    sub = parser._subparsers._group_actions[0].choices["bench"]
+    sub = args.usage_parser
     if args.list_paths:
         return _list_paths()
     if not args.model:
@@ -172,6 +173,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
         if args.command == "env":
             return _env(args)
-        return _bench(parser, args)
+        return _bench(args)
     except SystemExit as exc:  # argparse's usage errors (2) and --help (0)
         return exc.code if isinstance(exc.code, int) else 1
