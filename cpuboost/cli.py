@@ -11,6 +11,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import os
 import sys
 from typing import Iterator, Optional, Sequence
 
@@ -132,6 +133,10 @@ def _bench(args: argparse.Namespace) -> int:
             sub.error(f"--{name} {value} must be a positive integer")
     if args.round_seconds <= 0:
         sub.error(f"--round-seconds {args.round_seconds} must be positive")
+    for flag, out in (("--json", args.json), ("--plot", args.plot)):
+        folder = os.path.dirname(os.path.abspath(out)) if out else None
+        if folder and not os.path.isdir(folder):  # found now, not after minutes of benchmarking
+            sub.error(f"{flag} {out}: folder {folder} does not exist")
     try:
         if args.plot:
             benchplot.require_matplotlib()

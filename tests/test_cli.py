@@ -108,6 +108,7 @@ def test_python_dash_m_cpuboost_env():
     (["bench", "mlp", "--paths", "eager_fp32,warp"], "unknown benchmark path 'warp'"),
     (["bench", "nosuchmodel"], "neither a built-in"),
     (["bench", "nowhere/model.py:make"], "no file"),
+    (["bench", "mlp", "--json", "/no/such/folder/r.json"], "folder /no/such/folder does not exist"),
 ], ids=lambda v: "-".join(v) if isinstance(v, list) else None)
 def test_argument_errors_print_usage_and_exit_2(capsys, argv, message):
     """Bad arguments print the usage line and the problem on stderr and return exit status 2."""
