@@ -53,7 +53,7 @@ __all__ = [
 # Long enough for rank 0 to write a large checkpoint while the others wait at the next collective;
 # short enough that a stuck or dead rank ends the job in minutes, not torch's default 30.
 DEFAULT_TIMEOUT_S = 600.0
-BACKENDS = ("gloo", "mpi", "ccl", "xccl")
+BACKENDS = ("gloo", "mpi", "ccl")
 GRADIENT_DTYPES = ("fp32", "bf16")
 
 log = rank_logger("cpuboost.distributed")
