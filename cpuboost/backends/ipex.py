@@ -178,7 +178,7 @@ def ipex_logs() -> Iterator[list[str]]:
     saved = logger.handlers[:], logger.propagate, logger.level
     collect = _Collect()
     logger.handlers, logger.propagate = [collect], False
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.WARNING)
     try:
         yield collect.messages
     finally:
@@ -190,6 +190,6 @@ def register_bench_paths(register_path) -> None:
     """IPEX's imperative and TorchScript paths for ``cpuboost bench``, listed where metadata says it fits."""
     if not predict().usable:
         return
-    from .ipex_bench import register
+    from .ipex_infer import register_bench
 
-    register(register_path)
+    register_bench(register_path)
