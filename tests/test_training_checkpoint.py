@@ -152,3 +152,23 @@ def test_fused_step_with_channels_last_matches_plain_after_loading_a_plain_check
     assert tail == pytest.approx(reference[3:], rel=1e-5)
     state = opt.state[net.conv1.weight]
     assert all(v.stride() == net.conv1.weight.stride() for v in state.values() if v.dim() == 4)
+
+
+def test_decorated_factory_resumes_exactly_as_in_the_issue():
+    """@cpu_optimized factory: save model+opt, call the factory again, load both: the unbroken run's losses."""
+    from cpuboost import cpu_optimized
+
+    mspec = {"kind": "conv", "width": 8, "depth": 1, "bn": True, "dropout": 0.2, "seed": 9}
+    ospec = {"name": "adamw", "kwargs": {"weight_decay": 0.05}, "groups": 2}
+    make_training = cpu_optimized(dtype="bf16")(lambda: make_pair(mspec, ospec))
+    data = batches(mspec)
+    unbroken = train(*make_training(), data, 6)
+    net, opt = make_training()
+    head = train(net, opt, data, 3)
+    ckpt = roundtrip({"model": net.state_dict(), "opt": opt.state_dict()})
+    net2, opt2 = make_training()
+    net2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    assert all(g["fused"] for g in opt2.param_groups)
+    tail = train(net2, opt2, data, 3, start=3)
+    assert head + tail == pytest.approx(unbroken, rel=2e-2)

@@ -155,7 +155,7 @@ def test_preparing_the_same_optimizer_twice_keeps_checkpoints_plain():
     opt = torch.optim.Adam(net.parameters(), foreach=True)
     optimize_quietly(net, opt, dtype="fp32")
     tnet, topt = optimize_quietly(net, opt, dtype="fp32")
-    assert cpuboost.explain(tnet).skipped["fused_optimizer"] == "already fused=True"
+    assert "0 of 1 param group(s) (1 already fused)" in str(cpuboost.explain(tnet))
     group = topt.state_dict()["param_groups"][0]
     assert (group["fused"], group["foreach"]) == (None, True)
     assert (topt.param_groups[0]["fused"], topt.param_groups[0]["foreach"]) == (True, False)

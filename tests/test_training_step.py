@@ -171,3 +171,22 @@ def test_generator_train_loop_reenters_autocast_each_resume():
 
     for inside, _ in loop(3):
         assert inside and not torch.is_autocast_enabled("cpu")
+
+
+def test_users_own_fused_adagrad_stays_right_after_channels_last():
+    """Adagrad(fused=True) made before cpuboost's channels_last (contiguous state) keeps a correct, saveable state.
+
+    torch's CPU fused kernel walks state as flat memory: with mismatched strides it trains self-consistently
+    but stores the state permuted, which a checkpoint then carries into any other layout.
+    """
+    spec = {"kind": "conv", "width": 8, "depth": 1, "bn": False, "dropout": 0.0, "seed": 11}
+    data = batches(spec)
+    plain, _ = make_pair(spec, {"name": "sgd", "kwargs": {}, "groups": 1})
+    plain_opt = torch.optim.Adagrad(plain.parameters(), lr=0.05)
+    expected = train(plain, plain_opt, data, STEPS)
+    net, _ = make_pair(spec, {"name": "sgd", "kwargs": {}, "groups": 1})
+    tnet, opt = optimize_quietly(net, torch.optim.Adagrad(net.parameters(), lr=0.05, fused=True), dtype="fp32")
+    assert net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert train(tnet, opt, data, STEPS) == pytest.approx(expected, rel=1e-5)
+    for index, state in plain_opt.state_dict()["state"].items():
+        assert torch.allclose(opt.state_dict()["state"][index]["sum"], state["sum"], rtol=1e-5), index

@@ -68,10 +68,10 @@ class FusedStepHooks:
     - ``state_dict()`` reports each group's ``fused``/``foreach`` as the user built them, so a checkpoint is
       the one a plain optimizer writes; ``load_state_dict()`` (which copies those flags back from the
       checkpoint) is followed by switching the fused step on again.
-    - Before each step, gradients and optimizer state get their parameter's memory layout. torch 2.13's CPU
-      fused kernels walk params, grads and state as flat memory without checking that their strides agree
-      (CUDA checks), so a contiguous state next to a channels_last parameter (a plain checkpoint loaded, or
-      Adagrad's state made before the layout change) silently trains wrong.
+    - Before each fused step, gradients and optimizer state get their parameter's memory layout. torch 2.13's
+      CPU fused kernels walk params, grads and state as flat memory without checking that strides agree
+      (CUDA checks): a plain checkpoint's contiguous state next to a channels_last weight is read permuted
+      (wrong updates), and state made before the layout change is written permuted (wrong checkpoints).
     """
 
     def __init__(self, plain: list[dict[str, Any]]) -> None:
@@ -90,10 +90,9 @@ class FusedStepHooks:
                 optimizer.param_groups[index].update(fused=True, foreach=False)
 
     def step_pre(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        groups = optimizer.param_groups
-        for index in self.fused_groups:
-            if index < len(groups) and groups[index].get("fused"):
-                match_layout(optimizer, groups[index]["params"])
+        for group in optimizer.param_groups:  # fused by cpuboost or by the user: both need one layout
+            if group.get("fused"):
+                match_layout(optimizer, group["params"])
 
 
 def _like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -158,8 +157,6 @@ def _fusable(ctx: PlanContext) -> Optional[str]:
     if "fused" not in inspect.signature(type(opt).__init__).parameters:
         return f"this torch's {type(opt).__name__} takes no fused= argument"
     blockers = [_group_blocker(g) for g in opt.param_groups]
-    if all(g.get("fused") for g in opt.param_groups):
-        return "already fused=True"
     if all(blockers):
         return f"no param group can use it: {blockers[0]}"
     return None
@@ -187,11 +184,13 @@ def fused_optimizer(model: nn.Module, ctx: PassContext) -> nn.Module:
     for index in switched:
         opt.param_groups[index].update(fused=True, foreach=False)
     hooks.fused_groups.update(switched)
-    moved = match_layout(opt, [p for i in switched for p in opt.param_groups[i]["params"]])
+    already = sum(bool(g.get("fused")) for g in opt.param_groups) - len(switched)
+    ctx.note(f"{type(opt).__name__}: fused=True on {len(switched)} of {len(opt.param_groups)} param group(s)"
+             + (f" ({already} already fused)" if already else "")
+             + "; state_dict() keeps your own flags, so checkpoints load into plain optimizers and back")
+    moved = match_layout(opt, [p for g in opt.param_groups if g.get("fused") for p in g["params"]])
     if moved:
         ctx.note(f"{moved} gradient/state tensor(s) given their parameter's memory layout")
-    ctx.note(f"{type(opt).__name__}: fused=True on {len(switched)} of {len(opt.param_groups)} param group(s); "
-             "state_dict() keeps your own flags, so checkpoints load into plain optimizers and back")
     ctx.notes.extend(kept)
     return model
 
