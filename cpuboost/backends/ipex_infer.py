@@ -164,5 +164,5 @@ def register_bench(register_path) -> None:
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         register_path(f"ipex_imperative_{name}", path(dtype, False), dtype=name, available=available,
                       label=f"IPEX imperative {name}")
-        register_path(f"ipex_jit_{name}", path(dtype, True), dtype=name, available=available, compiles=True,
+        register_path(f"ipex_jit_{name}", path(dtype, True), dtype=name, available=available,
                       label=f"IPEX jit trace+freeze {name}")
