@@ -83,7 +83,7 @@ def plan_launch(local_ranks: int, cores: list[list[int]], environ: Mapping[str, 
     cpus = sum(len(c) for c in cores)
     notes = [f"{local_ranks} local rank(s) on {n_cores} physical core(s) ({cpus} logical CPU(s) available)"]
     env: dict[str, str] = {}
-    per_rank = n_cores // local_ranks if local_ranks else 0
+    per_rank = n_cores // local_ranks
     user_threads = environ.get("OMP_NUM_THREADS")
     if user_threads:
         notes.append(f"OMP_NUM_THREADS={user_threads} (already set: kept)")
@@ -92,20 +92,7 @@ def plan_launch(local_ranks: int, cores: list[list[int]], environ: Mapping[str, 
         threads = max(1, per_rank)
         env["OMP_NUM_THREADS"] = str(threads)
         notes.append(f"OMP_NUM_THREADS={threads} per rank (physical cores / local ranks)")
-    user_affinity = [v for v in _AFFINITY_VARS if environ.get(v)]
-    why_not = no_bind
-    if why_not:
-        pass
-    elif user_affinity:
-        why_not = f"{', '.join(user_affinity)} already set: affinity left to you"
-    elif not can_bind:
-        why_not = "this OS has no sched_setaffinity"
-    elif per_rank < 1:
-        why_not = f"more local ranks ({local_ranks}) than physical cores ({n_cores}): ranks share cores"
-    elif threads is not None and threads > per_rank:
-        why_not = f"OMP_NUM_THREADS={threads} is more than the {per_rank} core(s) per rank"
-    elif local_ranks == 1 and per_rank == n_cores:
-        why_not = "one rank uses every available core"
+    why_not = no_bind or _why_not_bind(environ, can_bind, local_ranks, n_cores, threads)
     if why_not:
         notes.append(f"core binding: off ({why_not})")
         return LaunchPlan(local_ranks, n_cores, env, None, notes)
@@ -119,6 +106,24 @@ def plan_launch(local_ranks: int, cores: list[list[int]], environ: Mapping[str, 
         notes.append("every node binds its own ranks from its first core: if several nodes share one "
                      "machine (testing), pass --no-bind")
     return LaunchPlan(local_ranks, n_cores, env, binding, notes)
+
+
+def _why_not_bind(environ: Mapping[str, str], can_bind: bool, local_ranks: int, n_cores: int,
+                  threads: Optional[int]) -> Optional[str]:
+    """The reason binding would do harm or nothing here, or None to bind."""
+    per_rank = n_cores // local_ranks
+    user_affinity = [v for v in _AFFINITY_VARS if environ.get(v)]
+    if user_affinity:
+        return f"{', '.join(user_affinity)} already set: affinity left to you"
+    if not can_bind:
+        return "this OS has no sched_setaffinity"
+    if per_rank < 1:
+        return f"more local ranks ({local_ranks}) than physical cores ({n_cores}): ranks share cores"
+    if threads is not None and threads > per_rank:
+        return f"OMP_NUM_THREADS={threads} is more than the {per_rank} core(s) per rank"
+    if local_ranks == 1:
+        return "one rank uses every available core"
+    return None
 
 
 def _ranges(cpus: list[int]) -> str:
@@ -195,6 +200,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         local_ranks = determine_local_world_size(args.nproc_per_node)
     except ValueError as exc:
         parser.error(f"--nproc-per-node {args.nproc_per_node!r}: {exc}")
+    if local_ranks < 1:
+        parser.error(f"--nproc-per-node {args.nproc_per_node!r} gives {local_ranks} processes; at least 1 is needed")
     cores = physical_cores(available_cpus())
     no_bind = "--no-bind" if args.no_bind else None
     if args.run_path:
