@@ -77,3 +77,16 @@ def test_bench_lists_and_times_the_ipex_paths():
         p = by_name[name]
         assert p.timed and p.max_rel_err <= p.tolerance, (name, p.status, p.reason)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_native_inductor_path_runs_on_ipex_torch():
+    """cpuboost's own Inductor path builds and verifies on the torch IPEX pins (2.8), beside IPEX."""
+    import cpuboost
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).eval()
+    model = cpuboost.optimize(net, dtype="fp32")
+    x = torch.randn(3, 8)
+    out = model(x)
+    graph = cpuboost.explain(model).graphs[-1]
+    assert graph.path == "inductor" and graph.verification.startswith("ok"), str(cpuboost.explain(model))
+    assert torch.allclose(out, net(x), rtol=1e-4, atol=1e-5)
