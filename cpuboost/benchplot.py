@@ -46,7 +46,8 @@ def _panel(ax, result: BenchResult) -> None:
             text = f"{s:.2f}x  {p.median_s * 1e3:.1f} ms"
             if p.build_s >= 1.0:
                 text += f"  (build {p.build_s:.0f} s)"
-            ax.text(s + hi + top * 0.02, i, text, va="center", fontsize=9)
+            ax.text(s + hi + top * 0.02, i, text, va="center", fontsize=9,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1, "alpha": 0.85})
         else:
             ax.text(top * 0.03, i, f"{p.status}: {p.reason[:60]}", va="center", fontsize=8, color="#aa0000")
     ax.set_title(f"{result.workload}, batch {result.batch}: {result.description}", fontsize=11, loc="left")
@@ -69,8 +70,12 @@ def plot(results: list[BenchResult], path: str) -> None:
         _panel(ax, result)
     m = results[0].machine
     bf16 = "native bf16" if m.get("native_bf16") else "bf16 EMULATED (no AVX512_BF16/AMX)"
+    loads = [x for r in results for x in (r.machine.get("load_average") or []) if x is not None]
+    cpus = m.get("logical_cpus")
+    shared = (f"\nother work shared the CPUs (load average up to {max(loads):.1f} on {cpus}): compare ratios, "
+              "not absolute times") if loads and cpus and max(loads) > cpus + 0.5 else ""
     fig.suptitle(f"cpuboost bench on {m.get('cpu', '?')}: {m.get('torch_threads', '?')} threads, "
-                 f"torch {m.get('torch', '?')}, {bf16}", fontsize=11)
+                 f"torch {m.get('torch', '?')}, {bf16}{shared}", fontsize=11)
     dtypes = sorted({p.dtype for r in results for p in r.paths}, key=list(COLORS).index)
     axes[0].legend(handles=[Patch(color=COLORS[d], label=d) for d in dtypes], loc="lower right", fontsize=9)
     fig.tight_layout()
