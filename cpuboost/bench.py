@@ -206,7 +206,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
 GROUPS["default"] = GROUPS["issue2"] + ("peers",)
 GROUPS["all"] = ("eager_fp32", "eager_bf16", "cpuboost_fp32", "cpuboost_bf16", "cpuboost_fp32_nofusion",
                  "cpuboost_bf16_nofusion", "compile_fp32", "compile_bf16", "peers")
-_BUILTIN_NAMES = set(_PATHS)
+_BUILTIN_NAMES = set(_PATHS) - {"openvino_bf16"}  # paths of optional backends are "peers", ours are not
 
 
 def resolve_paths(spec: str | Sequence[str] | None = "default", dtype: str = "all") -> list[BenchPath]:

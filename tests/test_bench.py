@@ -73,6 +73,8 @@ def test_peers_include_only_available_plugin_paths(scratch_paths):
     bench.register_path("peer_missing", bench._eager, dtype="bf16", available=lambda: "not installed")
     names = [p.name for p in bench.resolve_paths("eager_fp32,peers")]
     assert "peer_ok" in names and "peer_missing" not in names
+    assert ("openvino_bf16" in names) == (bench.get_path("openvino_bf16").available() is None)
+    assert not {"compile_bf16", "cpuboost_bf16"} & set(names)
 
 
 def test_register_path_rejects_duplicates_and_bad_dtype(scratch_paths):
