@@ -65,7 +65,8 @@ def availability() -> Availability:
         said = f"; it printed: {printed[:200]}" if printed else ""
         return Availability("ipex", False, f"import failed: {error}{said}{_transformers_hint()}", predicted.version)
     return Availability("ipex", True, f"IPEX {predicted.version} with torch {torch.__version__}: ipex.optimize, and "
-                        "with fusion=True TorchScript trace+freeze", predicted.version)
+                        "with fusion=True TorchScript trace+freeze; backend='auto' tries it after Inductor",
+                        predicted.version)
 
 
 def usable_now() -> Optional[str]:
