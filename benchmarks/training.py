@@ -6,8 +6,9 @@
 
 Paths: eager fp32; eager torch.autocast bf16; cpuboost fp32; cpuboost bf16 (and compiled). Each path trains
 its own copy of one initialisation on the same batches. Steps are interleaved (one step of every path per
-round, the order rotated each round), so machine noise hits all paths alike; the step time is the median
-after the warm-up steps, and the loss is the one of the last step. A micro-benchmark on a tiny MLP measures
+round, the order rotated each round), so machine noise hits all paths alike. Speedups are the median (and
+interquartile range) of per-round ratios to eager fp32's step in the same round; step times are medians
+after the warm-up steps; the loss is the last step's. A micro-benchmark on a tiny MLP measures
 cpuboost's own per-step cost (the wrapper, autocast entry, output casts, optimizer hooks).
 """
 from __future__ import annotations
@@ -73,7 +74,7 @@ def resnet18_workload(batch: int, seed: int) -> dict:
     return {
         "name": f"ResNet-18 b{batch} 224px",
         "model": model,
-        "optimizer": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-4),
+        "optimizer": lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4),
         "data": data,
         "loss": lambda net, batch_: F.cross_entropy(net(batch_[0]), batch_[1]),
     }
@@ -161,12 +162,30 @@ def run_workload(wl: dict, paths: dict, steps: int, warmup: int) -> dict:
             times[name].append(time.perf_counter() - started)
         print(f"  step {i + 1}/{steps}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names),
               file=sys.stderr, flush=True)
-    return {n: {"median_s": statistics.median(times[n][warmup:]), "first_s": times[n][0],
-                "loss": losses[n][-1], "losses": losses[n]} for n in names}
+    base = times[names[0]][warmup:]
+    out = {}
+    for n in names:
+        ratios = sorted(b / t for b, t in zip(base, times[n][warmup:]))  # same round: same machine load
+        q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+        out[n] = {"median_s": statistics.median(times[n][warmup:]), "first_s": times[n][0],
+                  "speedup": statistics.median(ratios), "iqr": (q1, q3), "loss": losses[n][-1], "losses": losses[n]}
+    return out
 
 
-def overhead(steps: int = 300) -> dict:
-    """cpuboost's own per-step cost: a tiny MLP where the math is nearly free, fused SGD on both sides."""
+def overhead(steps: int = 500) -> dict:
+    """cpuboost's own per-step cost: a tiny MLP where the math is nearly free, fused SGD on both sides.
+
+    One thread, so other processes on a shared machine do not turn OpenMP waits into the measurement.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _overhead(steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _overhead(steps: int) -> dict:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
@@ -181,15 +200,16 @@ def overhead(steps: int = 300) -> dict:
             o.step()
             o.zero_grad()
             times[name].append(time.perf_counter() - started)
-    return {k: statistics.median(v[10:]) for k, v in times.items()}
+    return {k: statistics.median(v[20:]) for k, v in times.items()}
 
 
 def table(name: str, result: dict) -> list[str]:
     base = result["eager fp32"]
-    lines = [f"| {name} | step (median) | vs eager fp32 | loss after {len(base['losses'])} steps | "
+    lines = [f"| {name} | step (median) | speedup vs eager fp32 (IQR) | loss after {len(base['losses'])} steps | "
              "loss vs eager fp32 |", "|---|---:|---:|---:|---:|"]
     for path, r in result.items():
-        lines.append(f"| {path} | {r['median_s'] * 1e3:.0f} ms | {base['median_s'] / r['median_s']:.2f}x | "
+        q1, q3 = r["iqr"]
+        lines.append(f"| {path} | {r['median_s'] * 1e3:.0f} ms | {r['speedup']:.2f}x ({q1:.2f}-{q3:.2f}) | "
                      f"{r['loss']:.4f} | {100 * (r['loss'] / base['loss'] - 1):+.2f}% |")
     return lines
 
@@ -219,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         bf16, fp32 = result["cpuboost bf16"]["loss"], result["cpuboost fp32"]["loss"]
         print(f"cpuboost bf16 vs cpuboost fp32 loss after {args.steps} steps: {100 * (bf16 / fp32 - 1):+.2f}%")
     cost = overhead()
-    print(f"\n## cpuboost's own cost per training step (tiny MLP, fused SGD both sides): "
+    print(f"\n## cpuboost's own cost per training step (tiny MLP, fused SGD both sides, 1 thread): "
           f"eager {cost['eager'] * 1e6:.0f} us, cpuboost {cost['cpuboost'] * 1e6:.0f} us, "
           f"difference {(cost['cpuboost'] - cost['eager']) * 1e6:+.0f} us")
     return 0
