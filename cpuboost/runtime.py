@@ -242,6 +242,12 @@ class OptimizedModule(ModelProxy):
 
 
 def _eager_runner(model: nn.Module, dtype: torch.dtype) -> Callable:
+    """The working copy under the plan's precision; fp32 outside any autocast needs no wrapper at all.
+
+    Safe to decide once per entry: the outer autocast state is part of the cache key.
+    """
     from .passes.graph import PrecisionRunner
 
+    if dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+        return model
     return PrecisionRunner(model, dtype)
