@@ -70,7 +70,7 @@ def availability() -> Availability:
 
 
 def usable_now() -> Optional[str]:
-    """None when IPEX is a candidate, else why not; imports IPEX only if that was already decided.
+    """None when IPEX is a candidate, else why not; never imports: the full verdict if reached, else metadata.
 
     Under backend='auto' IPEX is tried after Inductor, so the ~12 s import waits until a build needs it
     (``load()``); a broken import is then recorded as that build's failure.
