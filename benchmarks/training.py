@@ -65,12 +65,16 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
 
 
-def resnet18_workload(batch: int, seed: int) -> dict:
+def resnet18_workload(batch: int, seed: int, steps: int) -> dict:
+    """1000-way head; images are one of 10 fixed noisy patterns, a fresh batch each step (learnable, not memorised)."""
     torch.manual_seed(seed)
     model = ResNet18()
     gen = torch.Generator().manual_seed(seed)
-    data = [(torch.randn(batch, 3, 224, 224, generator=gen), torch.randint(0, 1000, (batch,), generator=gen))
-            for _ in range(4)]
+    patterns = torch.randn(10, 3, 224, 224, generator=gen)
+    data = []
+    for _ in range(steps):
+        labels = torch.randint(0, 10, (batch,), generator=gen)
+        data.append((patterns[labels] + 2.0 * torch.randn(batch, 3, 224, 224, generator=gen), labels))
     return {
         "name": f"ResNet-18 b{batch} 224px",
         "model": model,
@@ -80,7 +84,8 @@ def resnet18_workload(batch: int, seed: int) -> dict:
     }
 
 
-def bert_workload(batch: int, seed: int, seq: int = 128) -> dict:
+def bert_workload(batch: int, seed: int, steps: int, seq: int = 128) -> dict:
+    """Sequence classification where the label is one token's parity; a fresh batch each step."""
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048,
@@ -89,9 +94,9 @@ def bert_workload(batch: int, seed: int, seq: int = 128) -> dict:
     model = BertForSequenceClassification(config).train()
     gen = torch.Generator().manual_seed(seed)
     data = []
-    for _ in range(4):
+    for _ in range(steps):
         ids = torch.randint(1000, config.vocab_size, (batch, seq), generator=gen)
-        data.append((ids, ids[:, 1] % 2))  # learnable: the label is a token's parity
+        data.append((ids, ids[:, 1] % 2))
     return {
         "name": f"BERT 4x512 s{seq} b{batch}",
         "model": model,
@@ -231,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {torch.__version__}")
     print("# reproduce: python " + " ".join(shlex.quote(a) for a in ["benchmarks/training.py", *(argv or sys.argv[1:])]))
     for key in args.workloads or list(WORKLOADS):
-        wl = WORKLOADS[key](args.batch, seed=0)
+        wl = WORKLOADS[key](args.batch, seed=0, steps=args.steps)
         print(f"\n## {wl['name']}: {args.steps} steps per path, median over steps {args.warmup + 1}-{args.steps}",
               flush=True)
         result = run_workload(wl, paths, args.steps, args.warmup)
