@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     hw = cpuboost.hardware.detect()
     print(f"# {hw.cpu_model}; {torch.get_num_threads()} threads; native bf16: {hw.native_bf16}; "
           f"torch {torch.__version__}")
-    print("# reproduce: python " + " ".join(shlex.quote(a) for a in ["benchmarks/training.py", *(argv or sys.argv[1:])]))
+    command = ["python", "benchmarks/training.py", *(sys.argv[1:] if argv is None else argv)]
+    print("# reproduce: " + " ".join(shlex.quote(a) for a in command))
     for key in args.workloads or list(WORKLOADS):
         wl = WORKLOADS[key](args.batch, seed=0, steps=args.steps)
         print(f"\n## {wl['name']}: {args.steps} steps per path, median over steps {args.warmup + 1}-{args.steps}",

@@ -143,7 +143,8 @@ class _Snapshot:
         modules = list(model.modules())
         tables = [(t, dict(t)) for m in modules for t in (m._parameters, m._buffers)]
         data = [(p, p.data) for p in model.parameters()]
-        groups = [(g, {k: v for k, v in g.items() if k != "params"}) for g in optimizer.param_groups] if optimizer else []
+        param_groups = optimizer.param_groups if optimizer is not None else []
+        groups = [(g, {k: v for k, v in g.items() if k != "params"}) for g in param_groups]
         return cls(tables, data, [(m, m.training) for m in modules], groups, train_passes.fused_groups(optimizer))
 
     def restore(self, optimizer: Optional[torch.optim.Optimizer]) -> None:

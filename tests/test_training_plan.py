@@ -8,7 +8,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import cpuboost
 from cpuboost.errors import ModelModeError
-from training_cases import PlainSGD, TinyConvNet, optimize_quietly, state_of, assert_same_state
+from training_cases import PlainSGD, TinyConvNet, assert_same_state, optimize_quietly, state_of
 
 
 def _step_ops(net, opt, x) -> set[str]:

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from torch import nn
 
-import cpuboost
 from cpuboost import cpu_optimized
 from training_cases import (batches, make_pair, model_specs, optimize_quietly, optimizer_specs, train)
 
