@@ -154,8 +154,9 @@ class OptimizedModule(ModelProxy):
         template = verify.dtype_template(reference) if reference is not None else None
         work = self._working_copy(args, kwargs)
         fallbacks: list[tuple[str, str]] = []
+        contexts = {spec.name: self._pass_context(args, kwargs) for spec in self._plan.graph_passes}
         candidates: list[tuple[str, Callable[[], Callable]]] = [
-            (spec.name, lambda spec=spec: spec.fn(work, args, kwargs, self._pass_context(args, kwargs)))
+            (spec.name, lambda spec=spec: spec.fn(work, args, kwargs, contexts[spec.name]))
             for spec in self._plan.graph_passes
         ]
         if self._plan.module_passes or options.low_precision:
@@ -178,7 +179,9 @@ class OptimizedModule(ModelProxy):
                 self._mark_graph_pass(name, "failed", 0.0, fallbacks[-1][1])
                 log.warning("cpuboost: %s did not match eager for [%s]: %s", name, sig, verdict)
                 continue
-            self._mark_graph_pass(name, "applied", time.perf_counter() - attempt_started, f"used for [{sig}]")
+            notes = contexts[name].notes if name in contexts else []
+            self._mark_graph_pass(name, "applied", time.perf_counter() - attempt_started,
+                                  "; ".join([f"used for [{sig}]", *notes]))
             record = GraphRecord(sig, name, time.perf_counter() - started,
                                  str(verdict) if verdict else "not verified (verify=False)", fallbacks)
             self._report.graphs.append(record)
