@@ -73,3 +73,23 @@ class Branchy(nn.Module):
         if x.sum() > 0:
             return self.a(x)
         return self.b(x) * 10
+
+
+def run_in_threads(worker, count: int, timeout: float = 120.0) -> list[BaseException]:
+    """Run ``worker(i)`` in ``count`` threads at once; return what any of them raised."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def guarded(i):
+        try:
+            worker(i)
+        except Exception as exc:  # collected for the test to assert on
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return errors

@@ -1,6 +1,4 @@
 """OptimizedModule: state dicts, cache bounds, invalidation, control flow, fallbacks, threads."""
-import threading
-
 import pytest
 import torch
 from torch import nn
@@ -8,7 +6,7 @@ from torch import nn
 import cpuboost
 from cpuboost import registry
 
-from nets import MLP, Branchy, StackNet, randomize_bn
+from nets import MLP, Branchy, StackNet, randomize_bn, run_in_threads
 
 
 def _eager(net, *args, **kwargs):
@@ -176,21 +174,12 @@ def test_many_threads_one_model_same_answers():
     model = cpuboost.optimize(net, dtype="fp32", fusion=False)
     inputs = [torch.randn(1 + i % 3, 6) for i in range(32)]
     expected = [_eager(net, x) for x in inputs]
-    errors = []
 
     def worker(idx):
-        try:
-            for i in range(idx, len(inputs), 8):
-                torch.testing.assert_close(model(inputs[i]), expected[i], rtol=1e-4, atol=1e-5)
-        except Exception as exc:  # collected and asserted below
-            errors.append(exc)
+        for i in range(idx, len(inputs), 8):
+            torch.testing.assert_close(model(inputs[i]), expected[i], rtol=1e-4, atol=1e-5)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert errors == [] and len(model._cache) == 3
+    assert run_in_threads(worker, 8) == [] and len(model._cache) == 3
     assert len(cpuboost.explain(model).graphs) == 3  # each signature built exactly once
 
 

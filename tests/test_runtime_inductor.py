@@ -1,6 +1,4 @@
 """The compiled path (Inductor + freezing): few, small examples, because each compile costs seconds."""
-import threading
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,7 +7,7 @@ from hypothesis import strategies as st
 import cpuboost
 from cpuboost.verify import TOLERANCE
 
-from nets import Branchy, StackNet, randomize_bn
+from nets import Branchy, StackNet, randomize_bn, run_in_threads
 
 pytestmark = pytest.mark.slow
 
@@ -46,22 +44,13 @@ def test_compiled_control_flow_and_threads():
     assert cpuboost.explain(model).graphs == []
     torch.testing.assert_close(model(pos), expected[True])
     assert cpuboost.explain(model).graphs[-1].path == "inductor"
-    errors = []
 
     def worker(i):
-        try:
-            for j in range(10):
-                flag = (i + j) % 2 == 0
-                torch.testing.assert_close(model(pos if flag else neg), expected[flag])
-        except Exception as exc:  # collected and asserted below
-            errors.append(exc)
+        for j in range(10):
+            flag = (i + j) % 2 == 0
+            torch.testing.assert_close(model(pos if flag else neg), expected[flag])
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert errors == []
+    assert run_in_threads(worker, 4) == []
 
 
 def test_inductor_config_is_not_changed_globally():
