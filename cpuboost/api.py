@@ -11,7 +11,7 @@ from torch import nn
 
 from . import hardware, registry
 from .amp import amp_wrapper, cpu_amp, warn_if_emulated
-from .errors import CpuBoostError, OptimizerMismatchError, UnsupportedTargetError
+from .errors import BackendUnavailableError, CpuBoostError, OptimizerMismatchError, UnsupportedTargetError
 from .options import Options, check_option_names, is_disabled, resolve_options
 from .proxy import ModelProxy
 from .report import Report
@@ -84,7 +84,6 @@ def _check_backend(opts: Options, plan: registry.Plan) -> None:
     if any(p.name == names for p in plan.graph_passes + plan.module_passes):
         return
     why = dict(plan.skipped).get(names, "no graph pass serves it")
-    from .errors import BackendUnavailableError
 
     msg = f"backend={opts.backend!r} was asked for but cannot run here: {why}. Use backend='auto' to fall back."
     raise BackendUnavailableError(msg)

@@ -57,7 +57,7 @@ def _eval_temporarily(model: nn.Module):
 
 
 def _state_tensors(model: nn.Module) -> list[torch.Tensor]:
-    return [t for t in list(model.parameters()) + list(model.buffers())]
+    return [*model.parameters(), *model.buffers()]
 
 
 class OptimizedModule(ModelProxy):

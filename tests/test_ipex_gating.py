@@ -18,23 +18,19 @@ TORCH_MM = ".".join(torch.__version__.split("+")[0].split(".")[:2])
 MISMATCHED = "2.8.0" if TORCH_MM != "2.8" else "2.7.0"
 
 # What IPEX 2.8's __init__ does on a torch mismatch, plus its logging side effects.
-IPEX_LIKE_FAILURE = """
-import logging, os
-logging.basicConfig(format="%(asctime)s - IPEX - %(message)s")
-class _Logger(logging.Logger):
-    pass
-logging.setLoggerClass(_Logger)
-os.write(2, b"[W OperatorEntry.cpp:218] Warning: Overriding a previously registered kernel\\n")
-print("ERROR! Intel Extension for PyTorch needs to work with PyTorch 2.8.*, but PyTorch X is found.")
-os.exit(127)
-"""
-NOISY_BUT_WORKING = """
+IPEX_IMPORT_SIDE_EFFECTS = """
 import logging, os, sys
 logging.basicConfig(format="%(asctime)s - IPEX - %(message)s")
 class _Logger(logging.Logger):
     pass
 logging.setLoggerClass(_Logger)
 os.write(2, b"[W OperatorEntry.cpp:218] Warning: Overriding a previously registered kernel\\n")
+"""
+IPEX_LIKE_FAILURE = IPEX_IMPORT_SIDE_EFFECTS + """
+print("ERROR! Intel Extension for PyTorch needs to work with PyTorch 2.8.*, but PyTorch X is found.")
+os.exit(127)
+"""
+NOISY_BUT_WORKING = IPEX_IMPORT_SIDE_EFFECTS + """
 print("noise on stdout"); print("noise on stderr", file=sys.stderr)
 logging.getLogger("torch.utils.cpp_extension").warning("No CUDA runtime is found")
 """
