@@ -11,37 +11,61 @@ from hypothesis import given, settings
 from torch import nn
 
 from cpuboost import cpu_optimized
-from training_cases import (batches, make_pair, model_specs, optimize_quietly, optimizer_specs, train)
+from training_cases import (batches, make_model, make_optimizer, make_pair, model_specs, optimize_quietly,
+                            optimizer_specs, train)
 
 STEPS = 5
+
+
+def _eager_with_layout_of(net: nn.Module, mspec: dict, ospec: dict):
+    """A plain eager pair whose weights have the memory layout cpuboost chose (channels_last for convs)."""
+    model = make_model(mspec)
+    if any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+           for p in net.parameters()):
+        model.to(memory_format=torch.channels_last)
+    return model, make_optimizer(model, ospec)
 
 
 @settings(max_examples=30)
 @given(model_specs, optimizer_specs)
 def test_fp32_training_matches_eager(mspec, ospec):
-    """fp32 through cpuboost (fused step, channels_last) gives eager's losses and weights within 1e-5."""
+    """fp32 through cpuboost (fused step, channels_last) learns like eager.
+
+    Weights are compared within 1e-5 with eager in the same memory layout: a channels_last convolution sums
+    its weight gradient in another order, and gradient-normalising optimizers (Adagrad, Adam, RMSprop) turn
+    those last-bit differences in near-zero gradients into lr-sized differences in single weights, in
+    plain eager too. Against eager in the default layout the losses must still agree within 1e-4.
+    """
     data = batches(mspec)
-    plain, plain_opt = make_pair(mspec, ospec)
-    expected = train(plain, plain_opt, data, STEPS)
     net, opt = optimize_quietly(*make_pair(mspec, ospec), dtype="fp32")
     got = train(net, opt, data, STEPS)
+    plain, plain_opt = _eager_with_layout_of(net, mspec, ospec)
+    expected = train(plain, plain_opt, data, STEPS)
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
     for (name, a), b in zip(plain.state_dict().items(), net.state_dict().values()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+    default_layout = train(*make_pair(mspec, ospec), data, STEPS)
+    assert got == pytest.approx(default_layout, rel=1e-4, abs=1e-5)
 
 
 @settings(max_examples=20)
 @given(model_specs, optimizer_specs)
 def test_bf16_training_tracks_fp32_and_eager_autocast(mspec, ospec):
-    """bf16 losses stay within 3e-2 of fp32's over the first steps and match eager autocast within 1e-2."""
+    """bf16 losses match eager autocast within 1e-2 and stray from fp32 no further than eager autocast does.
+
+    How far bf16 strays from fp32 is bf16's and the optimizer's doing, not cpuboost's: Adagrad's first steps are
+    close to lr * sign(grad), so bf16 rounding of near-zero gradients moves a loss by 3-4% in plain eager.
+    """
     data = batches(mspec)
     fp32 = train(*make_pair(mspec, ospec), data, STEPS)
     eager_bf16 = train(*make_pair(mspec, ospec), data, STEPS, autocast=torch.bfloat16)
     net, opt = optimize_quietly(*make_pair(mspec, ospec), dtype="bf16")
     got = train(net, opt, data, STEPS)
     assert all(math.isfinite(v) for v in got)
-    assert got == pytest.approx(fp32, rel=3e-2, abs=1e-2)
     assert got == pytest.approx(eager_bf16, rel=1e-2, abs=5e-3)
+    for mine, theirs, reference in zip(got, eager_bf16, fp32):
+        assert abs(mine - reference) <= abs(theirs - reference) + 1e-2 * abs(reference) + 5e-3
+    assert got == pytest.approx(fp32, rel=1e-1, abs=1e-2)
     assert all(p.dtype == torch.float32 for p in net.parameters())
     assert all(t.dtype == torch.float32 for s in opt.state.values() for t in s.values() if t.is_floating_point())
 
