@@ -30,6 +30,7 @@ def test_compiled_conv_stacks_match_eager(dtype, acts, head_bn, seed):
     out = model(x)
     report = cpuboost.explain(model)
     assert report.graphs[-1].path == "inductor", str(report)
+    assert "C++ wrapper" in next(p.detail for p in report.passes if p.name == "inductor"), str(report)
     assert out.dtype == torch.float32 and _rel_err(out, ref) <= TOLERANCE[model._options.dtype]
     torch.testing.assert_close(model(x), out)  # the cached graph gives the same answer again
 
@@ -54,11 +55,11 @@ def test_compiled_control_flow_and_threads():
 
 
 def test_inductor_config_is_not_changed_globally():
-    """Freezing is switched on only during the build; the global Inductor config is untouched after."""
+    """Freezing and the C++ wrapper are on only during the build; the global Inductor config is untouched."""
     import torch._inductor.config as inductor_config
 
-    before = inductor_config.freezing
+    before = (inductor_config.freezing, inductor_config.cpp_wrapper)
     model = cpuboost.optimize(torch.nn.Linear(4, 4).eval(), dtype="fp32")
     model(torch.randn(2, 4))
-    assert inductor_config.freezing == before
+    assert (inductor_config.freezing, inductor_config.cpp_wrapper) == before
     assert cpuboost.explain(model).graphs[-1].path == "inductor"
