@@ -21,6 +21,10 @@ class GraphRecord:
     build_seconds: float
     verification: str
     fallbacks: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    timings: list[tuple[str, float]] = dataclasses.field(default_factory=list)  # (path, ms per call) when raced
+
+    def race(self) -> str:
+        return ", ".join(f"{path} {ms:.2f} ms" for path, ms in self.timings)
 
 
 @dataclasses.dataclass
@@ -61,6 +65,8 @@ class Report:
             for g in self.graphs:
                 lines.append(f"  [{g.signature}] -> {g.path}, built in {g.build_seconds:.2f} s, {g.verification}")
                 lines += [f"      fell back from {path}: {why}" for path, why in g.fallbacks]
+                if g.timings:
+                    lines.append(f"      fastest of the verified graphs (ms per call): {g.race()}")
         elif self.mode != "train":  # training runs eagerly unless compile_training builds a graph
             lines.append("graphs: none built yet (the first call builds and verifies one)")
         if self.events:
@@ -76,7 +82,8 @@ class Report:
         )
         graphs = "".join(
             f"<tr><td>{esc(g.signature)}</td><td>{esc(g.path)}</td><td>{g.build_seconds:.2f} s</td>"
-            f"<td>{esc(g.verification)}</td><td>{esc('; '.join(f'{p}: {w}' for p, w in g.fallbacks))}</td></tr>"
+            f"<td>{esc(g.verification)}</td><td>{esc('; '.join(f'{p}: {w}' for p, w in g.fallbacks))}</td>"
+            f"<td>{esc(g.race())}</td></tr>"
             for g in self.graphs
         )
         events = "".join(f"<li>{esc(e)}</li>" for e in self.events)
@@ -84,7 +91,8 @@ class Report:
             f"<div><b>cpuboost</b> {esc(self.model)} ({esc(self.mode)}; {esc(self.options)})"
             "<table><tr><th>pass</th><th>status</th><th>cost</th><th>detail</th></tr>"
             f"{rows}</table>"
-            "<table><tr><th>signature</th><th>path</th><th>build</th><th>verification</th><th>fallbacks</th></tr>"
+            "<table><tr><th>signature</th><th>path</th><th>build</th><th>verification</th><th>fallbacks</th>"
+            "<th>raced (ms per call)</th></tr>"
             f"{graphs}</table>"
             f"{'<ul>' + events + '</ul>' if events else ''}</div>"
         )

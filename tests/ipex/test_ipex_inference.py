@@ -143,6 +143,27 @@ def test_auto_tries_inductor_then_ipex():
     assert graph.path == "ipex" and [name for name, _ in graph.fallbacks] == ["inductor"]
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_auto_builds_both_and_keeps_the_faster(dtype):
+    """Under backend='auto' Inductor and IPEX are both built and verified; the faster per call serves."""
+    net = conv_net()
+    x = torch.randn(2, 3, 12, 12)
+    model = cpuboost.optimize(net, dtype=dtype)
+    out = model(x)
+    report = cpuboost.explain(model)
+    graph = report.graphs[-1]
+    times = dict(graph.timings)
+    assert set(times) == {"inductor", "ipex"} and all(ms > 0 for ms in times.values()), str(report)
+    winner, loser = sorted(times, key=times.get)
+    assert graph.path == winner and graph.verification.startswith("ok") and graph.fallbacks == []
+    status = {p.name: (p.status, p.detail) for p in report.passes}
+    assert status[winner][0] == "applied" and status[loser][0] == "skipped", str(report)
+    assert f"slower than {winner}" in status[loser][1]
+    assert "fastest of the verified graphs" in str(report) and "raced" in report._repr_html_()
+    assert rel_err(out, net(x)) <= TOL[dtype]
+    assert rel_err(model(x * 0.5), net(x * 0.5)) <= TOL[dtype]  # the kept graph, cached
+
+
 def test_fp16_with_explicit_ipex_is_an_error():
     """backend='ipex' with dtype='fp16' is refused with the reason (cpuboost's IPEX paths are fp32/bf16)."""
     with pytest.raises(BackendUnavailableError, match="fp16"):
