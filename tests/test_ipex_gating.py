@@ -91,6 +91,17 @@ graph = cpuboost.explain(model).graphs[-1]
 print(json.dumps({"same": same, "path": graph.path, "fallbacks": graph.fallbacks}))
 """
 
+# Under backend='auto' a working Inductor graph is kept when the IPEX built beside it fails to import.
+RACE_PROBE = r"""
+import json, torch, cpuboost
+net = torch.nn.Linear(3, 2).eval()
+model = cpuboost.optimize(net, dtype="fp32")
+x = torch.randn(4, 3)
+close = torch.allclose(model(x), net(x), atol=1e-6)
+graph = cpuboost.explain(model).graphs[-1]
+print(json.dumps({"close": close, "path": graph.path, "fallbacks": graph.fallbacks, "timings": graph.timings}))
+"""
+
 
 def _fake_ipex(root, version: str, init: str):
     site = root / "site"
@@ -152,6 +163,17 @@ def test_auto_build_reaching_a_broken_ipex_falls_back(tmp_path):
     failed = dict(out["fallbacks"])
     assert failed["inductor"].startswith("build failed: RuntimeError")
     assert "IpexUnavailableError" in failed["ipex"] and "import failed: AttributeError" in failed["ipex"]
+    assert "ERROR!" not in _printed(proc)
+
+
+@pytest.mark.slow
+def test_auto_keeps_inductor_when_the_ipex_beside_it_is_broken(tmp_path):
+    """backend='auto' builds IPEX beside Inductor; a broken IPEX is a recorded failure, Inductor still serves."""
+    site = _fake_ipex(tmp_path, f"{TORCH_MM}.0", IPEX_LIKE_FAILURE)
+    out, proc = _run(site, RACE_PROBE)
+    assert out["close"] and out["path"] == "inductor" and out["timings"] == []
+    failed = dict(out["fallbacks"])
+    assert list(failed) == ["ipex"] and "import failed: AttributeError" in failed["ipex"]
     assert "ERROR!" not in _printed(proc)
 
 

@@ -65,15 +65,16 @@ def availability() -> Availability:
         said = f"; it printed: {printed[:200]}" if printed else ""
         return Availability("ipex", False, f"import failed: {error}{said}{_transformers_hint()}", predicted.version)
     return Availability("ipex", True, f"IPEX {predicted.version} with torch {torch.__version__}: ipex.optimize, and "
-                        "with fusion=True TorchScript trace+freeze; backend='auto' tries it after Inductor",
+                        "with fusion=True TorchScript trace+freeze; backend='auto' builds it beside Inductor and keeps "
+                        "the faster",
                         predicted.version)
 
 
 def usable_now() -> Optional[str]:
     """None when IPEX is a candidate, else why not; never imports: the full verdict if reached, else metadata.
 
-    Under backend='auto' IPEX is tried after Inductor, so the ~12 s import waits until a build needs it
-    (``load()``); a broken import is then recorded as that build's failure.
+    Under backend='auto' the ~12 s import waits until the first build needs IPEX (``load()``), never
+    ``optimize()`` or ``import cpuboost``; a broken import is then recorded as that build's failure.
     """
     decided = availability.cache_info().currsize > 0
     verdict = availability() if decided else predict()

@@ -1,8 +1,9 @@
 """IPEX passes: an inference graph pass ("ipex") and a training pass ("ipex_optimize").
 
 Inference: ``ipex.optimize`` on a copy, then with fusion=True TorchScript trace+freeze; verified and
-fallen back from like every graph pass. Under backend='auto' it is the candidate after Inductor (slower
-than Inductor where measured), and IPEX is imported only when a build reaches it.
+fallen back from like every graph pass. Under backend='auto' it is built beside Inductor whenever IPEX is
+usable, and the faster verified graph serves (IPEX's oneDNN graphs won on AMX convnets, Inductor won
+elsewhere); IPEX is imported at that first build, never at ``import cpuboost``.
 
 Training (backend='ipex', dtype='bf16'): ``ipex.optimize(model, optimizer=opt, dtype=bf16)`` in place on
 the user's pair: bf16 weights in the model, fp32 master weights behind the optimizer, ``state_dict()``
