@@ -4,49 +4,32 @@
     python benchmarks/wrapper.py resnet50 --dtype fp32 --rounds 40
 
 Both graphs are compiled from cpuboost's own working copy (after its module passes) with freezing, exactly
-as the graph pass builds them, and timed in interleaved rounds; the table shows median ms per call and the
-ratio Python wrapper / C++ wrapper (above 1: the C++ wrapper is faster).
+as the graph pass builds them, and timed by ``cpuboost.bench.run`` in interleaved rounds beside eager fp32.
+The summary shows the C++ wrapper's speed-up over the Python wrapper (median of same-round ratios).
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import cpuboost
-from cpuboost import models
-from cpuboost.hardware import detect
+from cpuboost import bench, models
 from cpuboost.options import parse_dtype
 from cpuboost.passes.graph import _compile_now
 
 
-def measure(name: str, dtype: str, rounds: int) -> dict:
-    wl = models.load(name, batch=1)
-    # fp32 without fusion runs exactly the module passes a fused build runs (eval, BN folding, channels_last)
-    optimized = cpuboost.optimize(wl.model, dtype="fp32", fusion=False)
-    with torch.no_grad():
-        wl.call(optimized)
-    work, torch_dtype = optimized._work, parse_dtype(dtype)
-    built, build_s = {}, {}
-    for label, cpp in (("python wrapper", False), ("C++ wrapper", True)):
-        begin = time.perf_counter()
-        built[label] = _compile_now(work, wl.args, wl.kwargs, torch_dtype, cpp_wrapper=cpp)
-        build_s[label] = time.perf_counter() - begin
-    times: dict[str, list[float]] = {label: [] for label in built}
-    with torch.no_grad():
-        for fn in built.values():
-            for _ in range(3):
-                wl.call(fn)
-        for _ in range(rounds):
-            for label, fn in built.items():
-                begin = time.perf_counter()
-                wl.call(fn)
-                times[label].append(time.perf_counter() - begin)
-    median = {label: statistics.median(t) * 1e3 for label, t in times.items()}
-    return {"workload": name, "dtype": dtype, "median_ms": median, "build_s": build_s,
-            "speedup": median["python wrapper"] / median["C++ wrapper"]}
+def _wrapper_path(dtype: str, cpp_wrapper: bool) -> bench.BenchPath:
+    def build(model: torch.nn.Module, wl: models.Workload):
+        # fp32 without fusion runs exactly the module passes a fused build runs (eval, BN folding, channels_last)
+        optimized = cpuboost.optimize(model, dtype="fp32", fusion=False)
+        with torch.no_grad():
+            wl.call(optimized)
+        return _compile_now(optimized._work, wl.args, wl.kwargs, parse_dtype(dtype), cpp_wrapper=cpp_wrapper)
+
+    kind = "cpp" if cpp_wrapper else "python"
+    return bench.BenchPath(f"inductor_{kind}_wrapper_{dtype}", build, dtype,
+                           f"Inductor {'C++' if cpp_wrapper else 'Python'} wrapper {dtype}", compiles=True)
 
 
 def main() -> None:
@@ -55,17 +38,17 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--rounds", type=int, default=30)
     a = parser.parse_args()
-    hw = detect()
-    print(f"# {hw.cpu_model}; native bf16: {hw.native_bf16}; torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads; reproduce: python benchmarks/wrapper.py {' '.join(a.workloads)} --dtype {a.dtype} "
-          f"--rounds {a.rounds}")
-    print("| workload | dtype | Python wrapper | C++ wrapper | speed-up | builds (Python / C++) |")
-    print("|---|---|---:|---:|---:|---:|")
+    python, cpp = _wrapper_path(a.dtype, False), _wrapper_path(a.dtype, True)
+    lines = ["| workload | dtype | C++ wrapper vs Python wrapper (IQR) |", "|---|---|---:|"]
     for name in a.workloads:
-        r = measure(name, a.dtype, a.rounds)
-        m, b = r["median_ms"], r["build_s"]
-        print(f"| {name} b1 | {a.dtype} | {m['python wrapper']:.2f} ms | {m['C++ wrapper']:.2f} ms | "
-              f"**{r['speedup']:.2f}x** | {b['python wrapper']:.0f} s / {b['C++ wrapper']:.0f} s |", flush=True)
+        result = bench.run(models.load(name, batch=1), [bench.get_path("eager_fp32"), python, cpp],
+                           rounds=a.rounds, measure_peak=False)
+        print(result.table(), flush=True)
+        low, high = result.speedup_quartiles(cpp.name, baseline=python.name)
+        lines.append(f"| {name} b1 | {a.dtype} | **{result.speedup(cpp.name, baseline=python.name):.2f}x** "
+                     f"({low:.2f}-{high:.2f}) |")
+    print(f"\nreproduce: python benchmarks/wrapper.py {' '.join(a.workloads)} --dtype {a.dtype} --rounds {a.rounds}")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import functools
 import logging
 import os
 import time
@@ -172,11 +173,11 @@ def init(backend: str = "gloo", timeout: Any = DEFAULT_TIMEOUT_S) -> bool:
 
 
 _GIL_RELEASE_AT_EXIT_S = 0.05
-_exit_hook: dict[str, bool] = {}
 
 
+@functools.cache  # once per process
 def _let_gloo_threads_finish_at_exit() -> None:
-    """Give gloo's worker threads the GIL once more before the interpreter shuts down (once per process).
+    """Give gloo's worker threads the GIL once more before the interpreter shuts down.
 
     A gradient all-reduce launched in backward carries a Python object in its thread-local state, and gloo
     frees the finished work on its own thread, which needs the GIL. When that happens after Python starts
@@ -185,9 +186,7 @@ def _let_gloo_threads_finish_at_exit() -> None:
     2-rank test of one CI run, rarely in others). Sleeping in an exit hook releases the GIL
     while Python can still hand it over, so those frees complete first.
     """
-    if not _exit_hook:
-        _exit_hook["registered"] = True
-        atexit.register(time.sleep, _GIL_RELEASE_AT_EXIT_S)
+    atexit.register(time.sleep, _GIL_RELEASE_AT_EXIT_S)
 
 
 class _EpochSampler(DistributedSampler):

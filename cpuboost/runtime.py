@@ -188,16 +188,17 @@ class OptimizedModule(ModelProxy):
                 continue
             verified.append((name, fn, out, verdict, time.perf_counter() - attempt_started))
         if verified:
-            timings = _race(verified, args, kwargs) if len(verified) > 1 else []
-            name, fn, out, verdict, seconds = min(verified, key=lambda v: dict(timings).get(v[0], 0.0))
+            timings = _race(verified, args, kwargs) if len(verified) > 1 else {}
+            name, fn, out, verdict, seconds = min(verified, key=lambda v: timings.get(v[0], 0.0))
+            record = GraphRecord(sig, name, time.perf_counter() - started,
+                                 str(verdict) if verdict else "not verified (verify=False)", fallbacks,
+                                 list(timings.items()))
             notes = contexts[name].notes if name in contexts else []
             self._mark_graph_pass(name, "applied", seconds, "; ".join([f"used for [{sig}]", *notes]))
             for loser, *_, loser_seconds in verified:
                 if loser != name:
-                    self._mark_graph_pass(loser, "skipped", loser_seconds, f"verified for [{sig}] but slower "
-                                          f"than {name}: " + ", ".join(f"{p} {ms:.2f} ms" for p, ms in timings))
-            record = GraphRecord(sig, name, time.perf_counter() - started,
-                                 str(verdict) if verdict else "not verified (verify=False)", fallbacks, timings)
+                    self._mark_graph_pass(loser, "skipped", loser_seconds,
+                                          f"verified for [{sig}] but slower than {name}: {record.race()}")
             self._report.graphs.append(record)
             log.info("cpuboost: built [%s] with %s in %.1f s (%s)", sig, name, record.build_seconds,
                      record.verification)
@@ -261,7 +262,7 @@ class OptimizedModule(ModelProxy):
 _RACE_ROUNDS = 3
 
 
-def _race(verified: list, args: tuple, kwargs: dict) -> list[tuple[str, float]]:
+def _race(verified: list, args: tuple, kwargs: dict) -> dict[str, float]:
     """Best of a few interleaved calls per verified graph, in ms (each graph has run once already)."""
     best = {name: float("inf") for name, *_ in verified}
     with torch.no_grad():
@@ -270,7 +271,7 @@ def _race(verified: list, args: tuple, kwargs: dict) -> list[tuple[str, float]]:
                 begin = time.perf_counter()
                 fn(*args, **kwargs)
                 best[name] = min(best[name], (time.perf_counter() - begin) * 1e3)
-    return list(best.items())
+    return best
 
 
 def _eager_runner(model: nn.Module, dtype: torch.dtype) -> Callable:

@@ -57,9 +57,10 @@ def _compile_now(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype
 def build_inductor(model: nn.Module, args: tuple, kwargs: dict, ctx: PassContext) -> Callable:
     """torch.compile(Inductor) with freezing, compiled now for this input signature.
 
-    Inductor's C++ wrapper calls the kernels without a Python line per op: 1.11x on ResNet-50 b1 and 1.08x
+    Inductor's C++ wrapper calls the kernels without a Python line per op: 1.16x on ResNet-50 b1 and 1.07x
     on BERT-base b1 in bf16 over the same graph with the Python wrapper (benchmarks/wrapper.py, AMX CPU),
-    for a few seconds more build. Where it cannot compile a model, the Python wrapper is used and the report says why.
+    for a few seconds more build. Where it cannot compile a model, the Python wrapper is used and the report
+    says why.
     """
     try:
         compiled = _compile_now(model, args, kwargs, ctx.options.dtype, cpp_wrapper=True)
