@@ -17,8 +17,9 @@ import sys
 
 import torch
 
-from cpuboost import bench, benchplot, models
-from cpuboost.benchresult import BenchResult, load_json, write_json
+from cpuboost import bench
+from cpuboost.bench import plot as benchplot, workloads as models
+from cpuboost.bench.results import BenchResult, load_json, write_json
 
 WORKLOADS = {  # name -> (model, batch)
     "resnet50_b1": ("resnet50", 1),

@@ -30,7 +30,7 @@ def worker(args: argparse.Namespace) -> None:
 
     import cpuboost
     import cpuboost.distributed as cbd
-    from cpuboost.models import ConvNet
+    from cpuboost.bench.workloads import ConvNet
 
     world = cbd.world_size()
     if args.global_batch % world:
@@ -77,7 +77,7 @@ def _launch(procs: int, threads: int, args: argparse.Namespace, out: str) -> dic
 
 def _configs(spec: str) -> list[tuple[int, int]]:
     if spec == "auto":
-        from cpuboost.launch import available_cpus, physical_cores
+        from cpuboost.distributed.launch import available_cpus, physical_cores
 
         cores = len(physical_cores(available_cpus()))
         return [(1, cores), (2, max(1, cores // 2))]

@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown workload(s) {unknown}; choose from {sorted(WORKLOADS)}")
     paths = {**PATHS, **(COMPILED if args.compile else {})}
-    hw = cpuboost.hardware.detect()
+    hw = cpuboost.machine.hardware.detect()
     print(f"# {hw.cpu_model}; {torch.get_num_threads()} threads; native bf16: {hw.native_bf16}; "
           f"torch {torch.__version__}")
     command = ["python", "benchmarks/training.py", *(sys.argv[1:] if argv is None else argv)]

@@ -14,9 +14,10 @@ import argparse
 import torch
 
 import cpuboost
-from cpuboost import bench, models
+from cpuboost import bench
+from cpuboost.bench import workloads as models
 from cpuboost.options import parse_dtype
-from cpuboost.passes.graph import _compile_now
+from cpuboost.backends.inductor import compile_now
 
 
 def _wrapper_path(dtype: str, cpp_wrapper: bool) -> bench.BenchPath:
@@ -25,7 +26,7 @@ def _wrapper_path(dtype: str, cpp_wrapper: bool) -> bench.BenchPath:
         optimized = cpuboost.optimize(model, dtype="fp32", fusion=False)
         with torch.no_grad():
             wl.call(optimized)
-        return _compile_now(optimized._work, wl.args, wl.kwargs, parse_dtype(dtype), cpp_wrapper=cpp_wrapper)
+        return compile_now(optimized._work, wl.args, wl.kwargs, parse_dtype(dtype), cpp_wrapper=cpp_wrapper)
 
     kind = "cpp" if cpp_wrapper else "python"
     return bench.BenchPath(f"inductor_{kind}_wrapper_{dtype}", build, dtype,

@@ -5,9 +5,22 @@
 from .amp import cpu_amp
 from .api import cpu_optimized, explain, optimize, unwrap
 from .errors import CpuBoostError
-from .registry import list_passes, register_pass
+from .core import registry as _registry
+from .core.registry import list_passes, register_pass
+from .passes import register_builtins as _register_builtins
 
 __all__ = sorted(
     ["CpuBoostError", "cpu_amp", "cpu_optimized", "explain", "list_passes", "optimize", "register_pass", "unwrap"]
 )
 __version__ = "0.1.0"
+
+_registry.add_builtin_loader(_register_builtins)
+
+
+def __getattr__(name: str):
+    """``cpuboost.bench`` without a second import, loaded only when first touched (import stays light)."""
+    if name == "bench":
+        import importlib
+
+        return importlib.import_module(".bench", __name__)
+    raise AttributeError(f"module 'cpuboost' has no attribute {name!r}")

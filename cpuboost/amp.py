@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import hardware
+from .machine import hardware
 from .options import dtype_name, parse_dtype
 
 

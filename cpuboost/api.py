@@ -9,12 +9,13 @@ import torch
 import wrapt
 from torch import nn
 
-from . import hardware, registry
+from .core import registry
+from .machine import hardware
 from .amp import amp_wrapper, cpu_amp, warn_if_emulated
 from .errors import BackendUnavailableError, CpuBoostError, OptimizerMismatchError, UnsupportedTargetError
 from .options import Options, check_option_names, is_disabled, resolve_options
-from .proxy import ModelProxy
-from .report import Report
+from .core.proxy import ModelProxy
+from .core.report import Report
 
 
 def _check_optimizer(model: nn.Module, optimizer: Any) -> None:
@@ -68,7 +69,7 @@ def optimize(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *
         from .training import prepare_training
 
         return prepare_training(model, optimizer, opts, plan)
-    from .runtime import OptimizedModule
+    from .core.module import OptimizedModule
 
     optimized = OptimizedModule(model, opts, plan, hw)
     return optimized if optimizer is None else (optimized, optimizer)

@@ -95,7 +95,7 @@ def _threads(n: Optional[int]) -> Iterator[None]:
 
 
 def _env(args: argparse.Namespace) -> int:
-    from . import envinfo
+    from .machine import envinfo
 
     info = envinfo.collect()
     print(json.dumps(info, indent=2) if args.json else envinfo.format_text(info))
@@ -118,8 +118,9 @@ def _list_paths() -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from . import bench, benchplot, models
-    from .benchresult import write_json
+    from . import bench
+    from .bench import plot as benchplot, workloads as models
+    from .bench.results import write_json
     from .errors import CpuBoostError
 
     sub = args.usage_parser

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import cpuboost
-    from cpuboost.hardware import detect
+    from cpuboost.machine.hardware import detect
 
     hw = detect()
     dtype = hw.recommended_dtype if args.dtype == "auto" else args.dtype

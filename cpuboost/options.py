@@ -33,7 +33,7 @@ def parse_dtype(value: Any) -> torch.dtype:
     ``"auto"`` means bf16 where the CPU has native bf16 (AVX512_BF16 or AMX), else fp32.
     """
     if isinstance(value, str) and value.strip().lower() == "auto":
-        from .hardware import detect
+        from .machine.hardware import detect
 
         return _DTYPE_NAMES[detect().recommended_dtype]
     if isinstance(value, torch.dtype):

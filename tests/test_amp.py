@@ -155,7 +155,8 @@ def test_disabled_is_a_no_op():
 
 def test_warns_once_when_bf16_is_emulated():
     """On a CPU without AVX512_BF16/AMX, entering bf16 autocast warns once per process; never otherwise."""
-    from cpuboost import amp, hardware
+    from cpuboost import amp
+    from cpuboost.machine import hardware
 
     amp._warned.clear()
     with warnings.catch_warnings(record=True) as caught:

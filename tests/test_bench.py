@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from cpuboost import bench, benchplot
-from cpuboost.benchresult import BenchResult, PathResult, load_json, write_json
-from cpuboost.models import Workload
+from cpuboost import bench
+from cpuboost.bench import plot as benchplot
+from cpuboost.bench.results import BenchResult, PathResult, load_json, write_json
+from cpuboost.bench.workloads import Workload
 
 BUILTIN = ["eager_fp32", "eager_bf16", "compile_fp32", "compile_bf16", "cpuboost_fp32", "cpuboost_bf16",
            "cpuboost_fp32_nofusion", "cpuboost_bf16_nofusion"]
@@ -162,7 +163,7 @@ def test_cpuboost_path_builds_once_and_says_what_ran():
     result = run_fast(tiny(), ["eager_fp32", "cpuboost_fp32"])
     cb = result.path("cpuboost_fp32")
     assert cb.timed and cb.build_s > 0
-    assert bench._inductor_started  # Inductor's process start-up was paid before the timed build
+    assert bench.harness._inductor_started  # Inductor's process start-up was paid before the timed build
     assert cb.max_rel_err <= 1e-4
     assert cb.note.startswith("ran ")
 
@@ -249,8 +250,8 @@ def test_a_broken_plugin_hook_does_not_break_the_benchmark(monkeypatch, scratch_
 
     module.register_bench_paths = hook
     monkeypatch.setitem(__import__("sys").modules, "cpuboost_fake_backend", module)
-    monkeypatch.setattr(bench, "_PLUGIN_MODULES", ("cpuboost_fake_backend",))
-    monkeypatch.setattr(bench, "_plugins_loaded", False)
+    monkeypatch.setattr(bench.paths, "_PLUGIN_MODULES", ("cpuboost_fake_backend",))
+    monkeypatch.setattr(bench.paths, "_plugins_loaded", False)
     with caplog.at_level(logging.WARNING, logger="cpuboost"):
         names = bench.list_paths()
     assert "eager_fp32" in names and "libfoo.so" in caplog.text

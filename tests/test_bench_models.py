@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpuboost import models
+from cpuboost.bench import workloads as models
 
 
 def n_params(model: torch.nn.Module) -> int:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cpuboost import envinfo, hardware
+from cpuboost.machine import envinfo, hardware
 from cpuboost.cli import main
 
 FACTORY = '''

@@ -7,7 +7,7 @@ import os
 import pytest
 from hypothesis import given, strategies as st
 
-from cpuboost import launch
+from cpuboost.distributed import launch
 
 from dist_scripts.runner import HERE, launch_cmd, rank_env, run
 

@@ -14,7 +14,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 import cpuboost
 import cpuboost.distributed as cbd
-from cpuboost._dist_errors import explain_failure, install_excepthook
+from cpuboost.distributed.errors import explain_failure, install_excepthook
 from cpuboost.errors import CpuBoostError, InvalidOptionError
 
 from dist_scripts import train_tiny

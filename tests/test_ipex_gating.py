@@ -47,14 +47,14 @@ if user_handler:
     logging.getLogger().addHandler(user_handler)
 before = (list(logging.getLogger().handlers), logging.getLogger().level, logging.getLoggerClass())
 import cpuboost
-from cpuboost import registry
+from cpuboost.core import registry
 from cpuboost.errors import BackendUnavailableError
 
 plan_first = cpuboost.optimize(torch.nn.Linear(2, 2), dtype="fp32")  # backend='auto', nothing called yet
 planned_before_probe = [r.name for r in cpuboost.explain(plan_first).passes if r.status == "planned"]
 imported_by_plan = "intel_extension_for_pytorch" in sys.modules
 
-from cpuboost import envinfo
+from cpuboost.machine import envinfo
 backends = envinfo.collect()["backends"]
 after = (list(logging.getLogger().handlers), logging.getLogger().level, logging.getLoggerClass())
 try:
@@ -76,7 +76,7 @@ print(json.dumps({
 # Under backend='auto' a build that reaches IPEX (Inductor failed) records the import failure and runs eager.
 FALLBACK_PROBE = r"""
 import json, torch, cpuboost
-from cpuboost import registry
+from cpuboost.core import registry
 
 def broken_inductor(model, args, kwargs, ctx):
     raise RuntimeError("Inductor unavailable in this test")

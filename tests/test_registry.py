@@ -4,9 +4,9 @@ import torch
 from torch import nn
 
 import cpuboost
-from cpuboost import registry
+from cpuboost.core import registry
 from cpuboost.errors import PassRegistrationError
-from cpuboost.hardware import detect
+from cpuboost.machine.hardware import detect
 from cpuboost.options import Options
 
 from nets import StackNet

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import cpuboost
-from cpuboost import registry
+from cpuboost.core import registry
 
 from nets import MLP, Branchy, StackNet, randomize_bn, run_in_threads
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import cpuboost
-from cpuboost.registry import unregister_pass
+from cpuboost.core.registry import unregister_pass
 from training_cases import batches, make_pair, optimize_quietly, train
 
 SPEC = {"kind": "conv", "width": 8, "depth": 1, "bn": True, "dropout": 0.0, "seed": 4}

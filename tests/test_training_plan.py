@@ -138,7 +138,7 @@ def test_a_failing_train_pass_is_rolled_back_and_recorded():
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
         tnet, topt = optimize_quietly(net, opt, dtype="fp32")
     finally:
-        from cpuboost.registry import unregister_pass
+        from cpuboost.core.registry import unregister_pass
 
         unregister_pass("breaks_midway")
     report = cpuboost.explain(tnet)

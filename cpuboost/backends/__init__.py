@@ -27,7 +27,7 @@ def package_version(*dist_names: str) -> Optional[str]:
 
 
 def native() -> Availability:
-    from ..hardware import detect
+    from ..machine.hardware import detect
 
     import torch
 

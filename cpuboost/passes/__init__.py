@@ -1,9 +1,10 @@
-"""Built-in passes, one file per family; registered the first time the registry is used."""
+"""Built-in passes, one file per family. Each module's ``register()`` adds its passes to the registry;
+``cpuboost/__init__`` hands :func:`register_builtins` to the registry, which calls it on first use."""
 from __future__ import annotations
 
 
 def register_builtins() -> None:
-    from . import folding, graph, ipex, layout, mode, precision, training  # noqa: F401
+    from . import folding, inductor, ipex, layout, mode, precision, training
 
-    for module in (mode, folding, layout, precision, graph, training, ipex):
+    for module in (mode, folding, layout, precision, inductor, training, ipex):
         module.register()

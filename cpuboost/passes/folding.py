@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from ..registry import PassContext, PlanContext, register_pass
+from ..core.registry import PassContext, PlanContext, register_pass
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # (producer type, BatchNorm type) -> folding function, as torch's fuser_method_mappings does it

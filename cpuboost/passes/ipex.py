@@ -18,20 +18,20 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..registry import PassContext, PlanContext, register_pass
+from ..core.registry import PassContext, PlanContext, register_pass
 
 _IPEX_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def build_ipex(model: nn.Module, args: tuple, kwargs: dict, ctx: PassContext) -> Callable:
     """IPEX: ipex.optimize, then TorchScript trace+freeze with fusion=True (warm-up runs fuse oneDNN ops)."""
-    from ..backends import ipex_infer
+    from ..backends.ipex import infer as ipex_infer
 
     return ipex_infer.build(model, args, kwargs, ctx.options.dtype, ctx.options.fusion, ctx.notes)
 
 
 def _ipex_verdict(explicit: bool) -> Optional[str]:
-    from ..backends.ipex import availability, usable_now
+    from ..backends.ipex.probe import availability, usable_now
 
     if explicit:  # backend='ipex': decide now, so an unusable IPEX is an error at optimize()
         verdict = availability()
@@ -55,7 +55,7 @@ def _inference_wanted(ctx: PlanContext) -> Optional[str]:
 
 def ipex_optimize(model: nn.Module, ctx: PassContext) -> nn.Module:
     """ipex.optimize(model, optimizer, dtype=bf16) in place: bf16 weights, fp32 masters, fused IPEX step."""
-    from ..backends.ipex import ipex_logs, load
+    from ..backends.ipex.probe import ipex_logs, load
 
     ipex, opt = load(), ctx.optimizer
     patched = _InstancePatches([*model.modules(), opt])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..registry import PlanContext, register_pass
+from ..core.registry import PlanContext, register_pass
 
 
 def channels_last(model: nn.Module, ctx) -> nn.Module:

@@ -1,7 +1,7 @@
 """Eval mode for inference: dropout off, BatchNorm on running statistics."""
 from __future__ import annotations
 
-from ..registry import register_pass
+from ..core.registry import register_pass
 
 
 def eval_mode(model, ctx):

@@ -1,10 +1,9 @@
 """Low-precision weights for the eager path: Conv/Linear weights stored in bf16/fp16 once, not cast per call."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from ..registry import PlanContext, register_pass
+from ..core.registry import PlanContext, register_pass
 
 _MATMUL_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..registry import PassContext, PlanContext, register_pass
+from ..core.registry import PassContext, PlanContext, register_pass
 
 # Optimizers whose CPU fused kernel was checked in torch 2.13 (step ops: aten::_fused_<name>_). Only these
 # exact classes: a subclass may override step() and ignore or break on ``fused``.
@@ -212,7 +212,7 @@ def set_fused_groups(opt: torch.optim.Optimizer, groups: Optional[frozenset[int]
 
 def compiled_training(model: nn.Module, args: tuple, kwargs: dict, ctx: PassContext) -> Callable:
     """torch.compile (Inductor, no freezing) of the autocast forward; backward compiled by AOTAutograd."""
-    from .graph import fresh_runner
+    from ..core.precision import fresh_runner
 
     return torch.compile(fresh_runner(model, ctx.options.dtype), backend="inductor")
 

@@ -10,7 +10,7 @@ import torch
 
 from cpuboost import bench
 from cpuboost.cli import main
-from cpuboost.models import Workload
+from cpuboost.bench.workloads import Workload
 from ipex_cases import conv_net, needs_ipex
 
 pytestmark = needs_ipex

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 import cpuboost
-from cpuboost import registry
-from cpuboost.backends import ipex_infer
+from cpuboost.core import registry
+from cpuboost.backends.ipex import infer as ipex_infer
 from cpuboost.errors import BackendUnavailableError
-from cpuboost.hardware import detect
+from cpuboost.machine.hardware import detect
 from cpuboost.options import Options
 from ipex_cases import TOL, conv_net, needs_ipex, rel_err, tiny_bert
 

@@ -1,7 +1,7 @@
 """First program of every worker that ``cpuboost launch`` starts: pin this rank to its cores, then exec.
 
 Run by path (not ``-m``), so it imports neither torch nor cpuboost. Usage (written by the launcher):
-``_launch_worker.py python|module|exec script [args]`` (how to start the script:
+``worker.py python|module|exec script [args]`` (how to start the script:
 ``python script``, ``python -m script`` or the program itself); the CPU lists per local rank come in
 ``CPUBOOST_LAUNCH_CPUS`` ("0,1;2,3"). The script replaces this process (same PID), so torchrun's signals,
 exit codes and error files work exactly as without cpuboost. Affinity survives ``exec`` and is inherited

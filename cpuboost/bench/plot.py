@@ -7,8 +7,8 @@ from __future__ import annotations
 import importlib.util
 import math
 
-from .benchresult import BenchResult
-from .errors import CpuBoostError
+from .results import BenchResult
+from ..errors import CpuBoostError
 
 COLORS = {"fp32": "#3b75af", "bf16": "#ef8636", "fp16": "#519e3e"}
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .ipex import ipex_logs, load
+from .probe import ipex_logs, load
 
 WARMUP_RUNS = 2  # IPEX's oneDNN fusion pass runs on the profiling executor's second call
 # Output leaves that may be fixed at trace time: the same for every call with one input signature.
@@ -147,7 +147,7 @@ def build(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype, fusio
 
 def register_bench(register_path) -> None:
     """``ipex_imperative_{fp32,bf16}`` and ``ipex_jit_{fp32,bf16}`` for ``cpuboost bench``."""
-    from .ipex import availability
+    from .probe import availability
 
     def available() -> Optional[str]:
         verdict = availability()

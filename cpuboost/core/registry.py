@@ -7,14 +7,15 @@ OpenVINO); graph passes are the candidates the runtime tries in order before fal
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import threading
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from .errors import PassRegistrationError
-from .hardware import Hardware
-from .options import Options
+from ..errors import PassRegistrationError
+from ..machine.hardware import Hardware
+from ..options import Options
 
 MODES = ("infer", "train")
 KINDS = ("module", "graph")
@@ -82,7 +83,21 @@ class Plan:
 
 _lock = threading.Lock()
 _passes: dict[str, PassSpec] = {}
+_load_lock = threading.Lock()
+_loaders: list[Callable[[], None]] = []
 _builtins_loaded = False
+ENTRY_POINT_GROUP = "cpuboost.passes"
+
+
+def add_builtin_loader(loader: Callable[[], None]) -> None:
+    """Called by ``cpuboost/__init__`` with the function that registers the built-in passes.
+
+    The registry imports no pass: passes import the registry, and the package hands the registry its loader,
+    so the import arrows point one way. Third-party passes come from the ``cpuboost.passes`` entry-point group.
+    """
+    with _load_lock:
+        if loader not in _loaders:
+            _loaders.append(loader)
 
 
 def _always(_ctx: PlanContext) -> Optional[str]:
@@ -150,16 +165,18 @@ def unregister_pass(name: str) -> None:
 
 
 def _load_builtins() -> None:
+    """Run the loaders once; the flag is set only after they finished, so no caller sees a half-filled table."""
     global _builtins_loaded
     if _builtins_loaded:
         return
-    with _lock:
+    with _load_lock:
         if _builtins_loaded:
             return
+        for loader in _loaders:
+            loader()
+        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            entry_point.load()()
         _builtins_loaded = True
-    from . import passes  # noqa: F401 - registers the built-in passes
-
-    passes.register_builtins()
 
 
 def list_passes(mode: str | None = None) -> list[str]:

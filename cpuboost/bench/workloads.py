@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .errors import CpuBoostError
+from ..errors import CpuBoostError
 
 
 class WorkloadError(CpuBoostError, ValueError):

@@ -16,13 +16,13 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from . import hardware
-from .errors import ModelModeError
-from .options import Options
-from .passes import training as train_passes
-from .proxy import ModelProxy
-from .registry import PassContext, PassSpec, Plan
-from .report import PassRecord, Report
+from ..machine import hardware
+from ..errors import ModelModeError
+from ..options import Options
+from ..passes import training as train_passes
+from ..core.proxy import ModelProxy
+from ..core.registry import PassContext, PassSpec, Plan
+from ..core.report import PassRecord, Report
 
 log = logging.getLogger("cpuboost")
 _NO_GRAPH = object()

@@ -29,11 +29,11 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
-from . import api
-from ._dist_errors import (CollectiveTimeoutError, DistributedSetupError, PeerLostError, install_excepthook,
+from .. import api
+from .errors import (CollectiveTimeoutError, DistributedSetupError, PeerLostError, install_excepthook,
                            rank_logger)
-from .errors import InvalidOptionError
-from .options import dtype_name, parse_dtype
+from ..errors import InvalidOptionError
+from ..options import dtype_name, parse_dtype
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -254,7 +254,7 @@ def set_epoch(loader: Any, epoch: int) -> None:
 
 
 def _check_model(model: Any) -> None:
-    from .runtime import OptimizedModule
+    from ..core.module import OptimizedModule
 
     if isinstance(model, OptimizedModule):
         msg = ("prepare() got a model optimized for inference (cpuboost.optimize without an optimizer); "

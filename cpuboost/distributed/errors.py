@@ -17,7 +17,9 @@ import time
 import traceback
 from typing import Any, Optional
 
-from .errors import CpuBoostError
+import torch
+
+from ..errors import CpuBoostError
 
 
 class DistributedSetupError(CpuBoostError, RuntimeError):
@@ -41,9 +43,10 @@ _installed: dict[str, Any] = {}
 
 
 def _where() -> tuple[int, int]:
-    from . import distributed
-
-    return distributed.rank(), distributed.world_size()
+    """Rank and world size, read here rather than from the package, which imports this module."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def explain_failure(exc: BaseException, timeout_s: Optional[float]) -> Optional[CpuBoostError]:

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from . import __version__, hardware
-from .backends import all_backends, package_version
+from .. import __version__
+from . import hardware
+from ..backends import all_backends, package_version
 
 ISA = ("AVX2", "AVX512F", "AVX512_VNNI", "AVX512_BF16", "AVX512_FP16", "AMX_BF16", "AMX_INT8", "AMX_FP16")
 PACKAGES = {  # shown name -> distribution names to look up (no imports)

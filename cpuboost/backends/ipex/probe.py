@@ -19,7 +19,7 @@ import tempfile
 import threading
 from typing import Any, Iterator, Optional
 
-from . import Availability, package_version
+from .. import Availability, package_version
 
 DIST_NAMES = ("intel_extension_for_pytorch", "intel-extension-for-pytorch")
 INSTALL_HINT = "pip install torch==2.8.0 intel-extension-for-pytorch==2.8.0 transformers==4.51.3"
@@ -186,12 +186,3 @@ def ipex_logs() -> Iterator[list[str]]:
     finally:
         logger.handlers, logger.propagate = saved[0], saved[1]
         logger.setLevel(saved[2])
-
-
-def register_bench_paths(register_path) -> None:
-    """IPEX's imperative and TorchScript paths for ``cpuboost bench``, listed where metadata says it fits."""
-    if not predict().usable:
-        return
-    from .ipex_infer import register_bench
-
-    register_bench(register_path)

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from . import signature, verify
-from .hardware import Hardware
-from .options import Options
+from ..machine.hardware import Hardware
+from ..options import Options
 from .proxy import ModelProxy
 from .registry import PassContext, Plan
 from .report import GraphRecord, PassRecord, Report
@@ -279,7 +279,7 @@ def _eager_runner(model: nn.Module, dtype: torch.dtype) -> Callable:
 
     Safe to decide once per entry: the outer autocast state is part of the cache key.
     """
-    from .passes.graph import PrecisionRunner
+    from .precision import PrecisionRunner
 
     if dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
         return model

@@ -1,0 +1,1 @@
+"""Facts about this machine (ISA, cores, compiler) and the ``cpuboost env`` report."""
