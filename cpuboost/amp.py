@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 
 from .machine import hardware
+from .errors import UnknownDtypeError
 from .options import dtype_name, parse_dtype
 
 
@@ -22,7 +23,7 @@ _warned: set[torch.dtype] = set()
 
 def warn_if_emulated(dtype: torch.dtype) -> None:
     """Warn once per process and dtype when the CPU has no native instructions for it."""
-    if dtype == torch.float32 or hardware.detect().native(dtype):
+    if dtype in (torch.float32, torch.int8) or hardware.detect().native(dtype):
         return
     with _warned_lock:
         if dtype in _warned:
@@ -52,6 +53,10 @@ class cpu_amp:  # noqa: N801 - reads like torch.autocast / torch.no_grad
         if cache_enabled is not None and not isinstance(cache_enabled, bool):
             raise TypeError(f"cpu_amp(cache_enabled={cache_enabled!r}) must be True, False or None")
         self.dtype = parse_dtype(dtype)
+        if self.dtype == torch.int8:
+            msg = (f"cpu_amp(dtype={dtype!r}): autocast runs in one of 'bf16', 'fp16', 'fp32'; int8 is a quantized "
+                   "inference path: use cpuboost.optimize(model, dtype='int8') instead")
+            raise UnknownDtypeError(msg)
         self.enabled = enabled
         self.cache_enabled = cache_enabled
         self._local = threading.local()

@@ -12,7 +12,8 @@ from torch import nn
 from .core import registry
 from .machine import hardware
 from .amp import amp_wrapper, cpu_amp, warn_if_emulated
-from .errors import BackendUnavailableError, CpuBoostError, OptimizerMismatchError, UnsupportedTargetError
+from .errors import (BackendUnavailableError, CpuBoostError, InvalidOptionError, OptimizerMismatchError,
+                     UnsupportedTargetError)
 from .options import Options, check_option_names, is_disabled, resolve_options
 from .core.proxy import ModelProxy
 from .core.report import Report
@@ -60,6 +61,10 @@ def optimize(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *
     if optimizer is not None:
         _check_optimizer(model, optimizer)
     mode = _pick_mode(opts, optimizer)
+    if mode == "train" and opts.dtype == torch.int8:
+        msg = ("dtype='int8' is an inference path (quantized weights and activations); training takes "
+               "dtype='bf16', 'fp16' or 'fp32'. Train in bf16, then optimize the trained model with dtype='int8'.")
+        raise InvalidOptionError(msg)
     hw = hardware.detect()
     if opts.low_precision:
         warn_if_emulated(opts.dtype)
@@ -77,6 +82,10 @@ def optimize(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *
 
 def _check_backend(opts: Options, plan: registry.Plan) -> None:
     """An explicitly requested backend that cannot run is an error, not a quiet fallback."""
+    if plan.mode == "train" and opts.backend == "openvino":
+        msg = ("backend='openvino' was asked for a training model, but OpenVINO runs inference only; train with "
+               "backend='auto' (or 'native'/'ipex'), then optimize the trained model with backend='openvino'")
+        raise BackendUnavailableError(msg)
     if opts.backend in ("auto", "eager") or (plan.mode == "train" and opts.backend != "ipex"):
         return
     names = {"native": "inductor"}.get(opts.backend, opts.backend)
@@ -86,7 +95,9 @@ def _check_backend(opts: Options, plan: registry.Plan) -> None:
         return
     why = dict(plan.skipped).get(names, "no graph pass serves it")
 
-    msg = f"backend={opts.backend!r} was asked for but cannot run here: {why}. Use backend='auto' to fall back."
+    fix = " (pip install 'cpuboost[openvino]')" if opts.backend == "openvino" and "install" not in why else ""
+    msg = (f"backend={opts.backend!r} was asked for but cannot run here: {why}{fix}. Use backend='auto' to "
+           "fall back to what runs here (choices: 'auto', 'native', 'eager', 'ipex', 'openvino').")
     raise BackendUnavailableError(msg)
 
 
@@ -160,7 +171,9 @@ def cpu_optimized(fn: Callable | None = None, /, **options: Any):
         raise UnsupportedTargetError(msg)
 
     def amp_context():
-        return contextlib.nullcontext() if is_disabled() else cpu_amp(resolve_options(options).dtype)
+        if is_disabled():
+            return contextlib.nullcontext()
+        return cpu_amp(resolve_options(options).amp_dtype or torch.float32)  # int8 builds run in fp32
 
     if inspect.isclass(fn):
         if not issubclass(fn, nn.Module):

@@ -39,3 +39,15 @@ class PassFailedError(CpuBoostError, RuntimeError):
 
 class ModelModeError(CpuBoostError, ValueError):
     """A model whose train/eval mode contradicts the request (an eval-mode model handed over with an optimizer)."""
+
+
+class CalibrationError(CpuBoostError, ValueError):
+    """int8 calibration data that is empty, not a list of inputs, or shaped unlike the example input."""
+
+
+class NotQuantizableError(CpuBoostError, ValueError):
+    """A model int8 cannot work on: no Linear/Conv layer, or (without calibration data) no Linear layer."""
+
+
+class QuantizationError(CpuBoostError, RuntimeError):
+    """Quantizing or compiling the private int8 copy failed; the user's model is untouched."""

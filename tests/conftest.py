@@ -10,6 +10,8 @@ from hypothesis import HealthCheck, settings
 settings.register_profile(
     "default", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 )
+# HYPOTHESIS_PROFILE=quick: a few examples per property, for a fast local loop (CI runs the default)
+settings.register_profile("quick", parent=settings.get_profile("default"), max_examples=10)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 

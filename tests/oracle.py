@@ -30,3 +30,16 @@ def eager_autocast(model, dtype: torch.dtype, *args, **kwargs):
     """The eager model's own answer in ``dtype`` (what the dtype itself can do on this input)."""
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
         return model(*args, **kwargs)
+
+
+def rung(model, prefix: str, graph: int = -1):
+    """The ladder's record of the rung whose name starts with ``prefix`` ("inductor bf16"), for one graph."""
+    import cpuboost
+
+    records = cpuboost.explain(model).graphs[graph].rungs
+    return next(r for r in records if r.name.startswith(prefix))
+
+
+def verified(record) -> bool:
+    """The rung was built and passed verification (whether or not it then won the race against eager)."""
+    return record.error.startswith("ok") and not record.fate.startswith(("failed", "rejected", "not tried"))

@@ -25,6 +25,20 @@ def conv_nets(draw):
     return net.eval(), x
 
 
+def _passes_output(model, x, dtype):
+    """The eager-with-passes candidate's own answer (the working copy under the plan's precision), so the
+    check holds whichever path won the race against eager."""
+    from cpuboost.core.precision import PrecisionRunner
+
+    with torch.no_grad():
+        return PrecisionRunner(model._work, dtype)(x).float()
+
+
+def _passes_verified(model):
+    rung = next(r for r in cpuboost.explain(model).graphs[-1].rungs if r.name.startswith("eager+passes"))
+    return rung.error.startswith("ok") and not rung.fate.startswith(("failed", "rejected")), rung.line()
+
+
 def _rel_err(out, ref):
     return ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-6)).item()
 
@@ -40,9 +54,12 @@ def test_conv_stacks_match_eager(net_and_input, dtype):
     out = model(x)
     dt = model._options.dtype
     assert out.dtype == ref.dtype and out.shape == ref.shape
-    assert _rel_err(out, ref) <= allowed_error(dt, ref, eager_autocast(net, dt, x) if dt != torch.float32 else None)
+    own = eager_autocast(net, dt, x) if dt != torch.float32 else None
+    assert _rel_err(out, ref) <= allowed_error(dt, ref, own)
+    assert _rel_err(_passes_output(model, x, dt), ref) <= allowed_error(dt, ref, own)
     report = cpuboost.explain(model)
-    assert report.graphs[-1].path == "eager+passes"
+    assert report.graphs[-1].path in ("eager+passes", "eager (original)")
+    assert _passes_verified(model)[0], str(report)
     assert "fold_batchnorm" in report.applied
 
 
@@ -59,8 +76,10 @@ def test_mlps_with_batchnorm_match_eager(sizes, batch, dtype, seed):
     model = cpuboost.optimize(net, dtype=dtype, fusion=False)
     out = model(x)
     dt = torch.float32 if dtype == "fp32" else torch.bfloat16
-    assert _rel_err(out, ref) <= allowed_error(dt, ref, eager_autocast(net, dt, x) if dt != torch.float32 else None)
-    assert cpuboost.explain(model).graphs[-1].path == "eager+passes", str(cpuboost.explain(model))
+    own = eager_autocast(net, dt, x) if dt != torch.float32 else None
+    assert _rel_err(out, ref) <= allowed_error(dt, ref, own)
+    assert _rel_err(_passes_output(model, x, dt), ref) <= allowed_error(dt, ref, own)
+    assert _passes_verified(model)[0], str(cpuboost.explain(model))
 
 
 @settings(max_examples=20)
@@ -73,4 +92,6 @@ def test_new_shapes_rebuild_and_stay_correct(shapes):
         x = torch.randn(batch + 1, 3)
         with torch.no_grad():
             torch.testing.assert_close(model(x), net(x), rtol=1e-4, atol=1e-5)
-    assert len(model._cache) == len({b + 1 for b, _ in shapes})
+    report = cpuboost.explain(model)
+    assert len(report.graphs) == len({b + 1 for b, _ in shapes})
+    assert all(g.verification.startswith(("ok", "is the reference")) for g in report.graphs), str(report)

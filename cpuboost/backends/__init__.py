@@ -26,7 +26,7 @@ def package_version(*dist_names: str) -> Optional[str]:
     return None
 
 
-def native() -> Availability:
+def native_availability() -> Availability:
     from ..machine.hardware import detect
 
     import torch
@@ -39,23 +39,15 @@ def native() -> Availability:
 
 
 @functools.lru_cache(maxsize=None)
-def openvino() -> Availability:
+def openvino_availability() -> Availability:
     version = package_version("openvino")
     if version is None or importlib.util.find_spec("openvino") is None:
         return Availability("openvino", False, "not installed (pip install 'cpuboost[openvino]')")
     return Availability("openvino", True, "installed", version)
 
 
-def ipex() -> Availability:
-    from .ipex import availability
-
-    return availability()
-
-
 def all_backends() -> list[Availability]:
     """Every backend cpuboost knows, in preference order, with its reason."""
-    # Not ipex(): once the submodule cpuboost.backends.ipex is imported, the package attribute `ipex`
-    # is that module, not the function above.
     from .ipex import availability as ipex_availability
 
-    return [native(), ipex_availability(), openvino()]
+    return [native_availability(), ipex_availability(), openvino_availability()]

@@ -1,63 +1,49 @@
-"""``OptimizedModule``: the original model plus graphs built per input signature, verified, cached.
+"""``OptimizedModule``: the user's model plus graphs built per input signature, verified, raced, cached.
 
 The wrapper shares the original's parameter, buffer and submodule tables, so ``state_dict()`` keys,
-``parameters()`` and attribute access are the original's own. Passes work on a private copy.
+``parameters()`` and attribute access are the original's own. Each piece it relies on can be read alone:
+``cache`` (signatures and families), ``freshness`` (weight edits), ``ladder`` (build, verify, race),
+``workcopy`` (the private copy passes rewrite) and ``report``.
 """
 from __future__ import annotations
 
-import collections
-import contextlib
-import copy
 import dataclasses
+import functools
 import logging
 import threading
 import time
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
-from . import signature, verify
+from ..errors import InvalidOptionError
 from ..machine.hardware import Hardware
-from ..options import Options
+from ..options import Options, dtype_name
+from . import ladder, signature, verify
+from .cache import Family, GraphEntry, SignatureCache
+from .freshness import WeightWatch
+from .precision import PrecisionRunner
+from .pickling import reduce_proxy
 from .proxy import ModelProxy
-from .registry import PassContext, Plan
-from .report import GraphRecord, PassRecord, Report
+from .registry import PassContext, Plan, plan_here
+from .report import GraphRecord, PassRecord, Report, RungRecord
+from .workcopy import apply_module_passes, shallow_copy
 
 log = logging.getLogger("cpuboost")
 
 # Dynamo compiles are not thread-safe across models; builds are rare and slow, so one lock serializes them.
 _BUILD_LOCK = threading.RLock()
+_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
+STATIC_GRAPHS_BEFORE_WARNING = 4
 
 
-@dataclasses.dataclass
-class GraphEntry:
-    path: str
-    fn: Callable[..., Any]
-    no_grad: bool
-    template: Any
-    record: GraphRecord
-
-    def __call__(self, args: tuple, kwargs: dict) -> Any:
-        with torch.no_grad() if self.no_grad else contextlib.nullcontext():
-            out = self.fn(*args, **kwargs)
-        return verify.match_dtypes(self.template, out)
-
-
-@contextlib.contextmanager
-def _eval_temporarily(model: nn.Module):
-    """Eval mode for a reference run, then every module's own flag back as it was."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def _state_tensors(model: nn.Module) -> list[torch.Tensor]:
-    return [*model.parameters(), *model.buffers()]
+def _eager_runner(model: nn.Module, dtype: torch.dtype) -> Callable:
+    """The working copy under a precision; fp32 outside any autocast needs no wrapper at all."""
+    if dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+        return model
+    return PrecisionRunner(model, dtype)
 
 
 class OptimizedModule(ModelProxy):
@@ -65,222 +51,294 @@ class OptimizedModule(ModelProxy):
 
     def __init__(self, original: nn.Module, options: Options, plan: Plan, hardware: Hardware) -> None:
         super().__init__(original)
-        self.__dict__["_options"] = options
-        self.__dict__["_plan"] = plan
-        self.__dict__["_hardware"] = hardware
-        self.__dict__["_work"] = None
-        self.__dict__["_cache"] = collections.OrderedDict()
-        self.__dict__["_cache_lock"] = threading.Lock()
-        self.__dict__["_fingerprint"] = None
-        self.__dict__["_tracked"] = []
-        self.__dict__["_report"] = Report(
-            model=type(original).__name__,
-            mode=plan.mode,
-            options=options.describe(),
-            passes=[PassRecord(p.name, "planned", detail=p.doc) for p in plan.module_passes + plan.graph_passes]
-            + [PassRecord(name, "skipped", detail=why) for name, why in plan.skipped],
-        )
+        self.__dict__.update(_options=options, _plan=plan, _hardware=hardware)
+        self._start_fresh()
         self.training = False
+
+    def _start_fresh(self) -> None:
+        """Runtime state: nothing here is pickled; a copy or an unpickled model rebuilds it lazily."""
+        options, plan = self._options, self._plan
+        self.__dict__.update(
+            _work=None, _eval_view=None, _watch=None, _lock=threading.RLock(),
+            _cache=SignatureCache(options.cache_size), _winners={}, _warned=set(), _generation=None,
+            _report=Report(
+                model=type(self._original).__name__, mode=plan.mode, options=options.describe(),
+                passes=[PassRecord(p.name, "planned", detail=p.doc) for p in plan.module_passes + plan.graph_passes]
+                + [PassRecord(name, "skipped", detail=why) for name, why in plan.skipped]))
+
+    # -- copies: deepcopy, pickle and torch.save keep the model and options, never locks or graphs ---------
+    def __getstate__(self) -> dict:
+        return {"original": self._original, "options": self._options}
+
+    def __setstate__(self, state: dict) -> None:
+        
+        original, options = state["original"], state["options"]
+        plan, hardware = plan_here(original, options)  # the plan holds functions: made again here
+        nn.Module.__init__(self)
+        ModelProxy.__init__(self, original)
+        self.__dict__.update(_options=options, _plan=plan, _hardware=hardware)
+        self._start_fresh()
+        self.training = False
+
+    def __reduce_ex__(self, protocol: int):
+        return reduce_proxy(self, {"options": self._options})
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         self.invalidate("parameters converted (.to()/.float()/...)")
         return self
 
-    # -- cache --------------------------------------------------------------------------------------
     def invalidate(self, why: str = "asked") -> None:
         """Drop every built graph and the working copy; the next call rebuilds and re-verifies."""
-        with _BUILD_LOCK, self._cache_lock:
-            if self._cache or self._work is not None:
-                self._report.events.append(f"graphs dropped: {why}")
+        with _BUILD_LOCK, self._lock:
+            if len(self._cache) or self._work is not None:
+                self._report.note(f"graphs dropped: {why}")
             self._cache.clear()
-            self.__dict__["_work"] = None
-            self.__dict__["_fingerprint"] = None
-
-    def _current_fingerprint(self) -> int:
-        # Version counters only grow, so their sum changes whenever any tensor is modified in place
-        # (optimizer steps, load_state_dict, running-stat updates).
-        return sum(t._version for t in self._tracked)
+            self.__dict__.update(_work=None, _eval_view=None, _watch=None, _generation=None)
 
     def _check_fresh(self) -> None:
-        if self._fingerprint is not None and self._current_fingerprint() != self._fingerprint:
-            self.invalidate("parameters or buffers changed since the graphs were built")
+        watch = self._watch
+        if watch is not None:
+            why = watch.changed()
+            if why is not None:
+                self.invalidate(why)
 
-    # -- calls --------------------------------------------------------------------------------------
+    # -- calls ----------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.training or (torch.is_grad_enabled() and signature.any_requires_grad(args, kwargs)):
-            self._note_once("eager: called in train mode or with inputs that require grad; ran the original")
+            self._report.note("eager: called in train mode or with inputs that require grad; ran the original")
             return self._original(*args, **kwargs)
         self._check_fresh()
         key = signature.call_key(args, kwargs)
-        with self._cache_lock:
-            entry = self._cache.get(key)
-            if entry is not None:
-                self._cache.move_to_end(key)
+        entry = self._cache.get(key)
         if entry is not None:
-            return entry(args, kwargs)
+            try:
+                return entry(args, kwargs)
+            except RuntimeError as exc:
+                if type(exc).__name__ != "RecompileRefused":
+                    raise
+                self._cache.drop(key)  # a guard miss: this call is a signature nobody verified yet
+                self._report.note(f"a graph's guards refused a call ({exc}); treated as a new signature")
         return self._build_and_call(key, args, kwargs)
 
-    def _note_once(self, text: str) -> None:
-        if text not in self._report.events:
-            self._report.events.append(text)
+    def _eval_model(self) -> nn.Module:
+        """The user's model as it runs in eval: itself, or a view sharing its weights if it is in train mode,
+        so reference runs never flip train/eval flags that other threads may be reading."""
+        if not any(m.training for m in self._original.modules()):
+            return self._original
+        if self._eval_view is None:
+            self.__dict__["_eval_view"] = shallow_copy(self._original).eval()
+        return self._eval_view
+
+    def _eager_original(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return self._eval_model()(*args, **kwargs)
 
     def _reference(self, args: tuple, kwargs: dict) -> Any:
-        with _eval_temporarily(self._original), torch.no_grad(), torch.autocast("cpu", enabled=False):
-            return self._original(*args, **kwargs)
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            return self._eval_model()(*args, **kwargs)
+
+    def _autocast_output(self, dtype: torch.dtype, args: tuple, kwargs: dict) -> Any:
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+            return self._eval_model()(*args, **kwargs)
 
     def _build_and_call(self, key, args: tuple, kwargs: dict) -> Any:
         with _BUILD_LOCK:
-            with self._cache_lock:
-                entry = self._cache.get(key)
+            entry = self._cache.get(key)
             if entry is not None:  # another thread built it while we waited
                 return entry(args, kwargs)
-            out, entry = self._build(args, kwargs)
-            with self._cache_lock:
-                self._cache[key] = entry
-                while len(self._cache) > self._options.cache_size:
-                    self._cache.popitem(last=False)
-            if self._fingerprint is None:
-                self.__dict__["_tracked"] = _state_tensors(self._original)
-                self.__dict__["_fingerprint"] = self._current_fingerprint()
-            return out
+            if self._watch is None:
+                self.__dict__["_watch"] = WeightWatch(self._original)
+            return self._build(key, args, kwargs)
 
-    def _build(self, args: tuple, kwargs: dict) -> tuple[Any, GraphEntry]:
+    def _build(self, key, args: tuple, kwargs: dict) -> Any:
         options = self._options
         sig = signature.describe(args, kwargs)
         started = time.perf_counter()
-        log.info("cpuboost: building %s for [%s]", type(self._original).__name__, sig)
+        family_key = signature.family_key(args, kwargs)
+        shapes = signature.top_level_shapes(args, kwargs)
+        family = self._cache.family(family_key)
         reference = self._reference(args, kwargs) if options.verify else None
-        template = verify.dtype_template(reference) if reference is not None else None
-        work = self._working_copy(args, kwargs)
-        fallbacks: list[tuple[str, str]] = []
-        contexts = {spec.name: self._pass_context(args, kwargs) for spec in self._plan.graph_passes}
-        candidates: list[tuple[str, Callable[[], Callable]]] = [
-            (spec.name, lambda spec=spec: spec.fn(work, args, kwargs, contexts[spec.name]))
-            for spec in self._plan.graph_passes
-        ]
-        if self._plan.module_passes or options.low_precision:
-            candidates.append(("eager+passes", lambda: _eager_runner(work, options.dtype)))
-        # Under backend='auto' every usable graph backend is built and verified, and the fastest serves:
-        # which one wins depends on the model and the CPU (IPEX's oneDNN graphs beat Inductor on AMX convnets).
-        race = options.backend == "auto"
-        graph_names = {spec.name for spec in self._plan.graph_passes}
-        verified: list[tuple[str, Callable, Any, Any, float]] = []
-        for name, build in candidates:
-            if verified and not (race and name in graph_names):
-                break
-            attempt_started = time.perf_counter()
-            log.info("cpuboost: trying %s for [%s]", name, sig)
-            try:
-                fn = build()
-                with torch.no_grad():
-                    out = fn(*args, **kwargs)
-            except Exception as exc:  # any backend failure means: record it, try the next path
-                fallbacks.append((name, f"build failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
-                self._mark_graph_pass(name, "failed", 0.0, fallbacks[-1][1])
-                log.warning("cpuboost: %s failed for [%s]: %s", name, sig, exc)
-                continue
-            verdict = verify.compare(reference, out, options.dtype) if options.verify else None
-            if verdict is not None and not verdict.ok:
-                fallbacks.append((name, f"verification {verdict}"))
-                self._mark_graph_pass(name, "failed", 0.0, fallbacks[-1][1])
-                log.warning("cpuboost: %s did not match eager for [%s]: %s", name, sig, verdict)
-                continue
-            verified.append((name, fn, out, verdict, time.perf_counter() - attempt_started))
-        if verified:
-            timings = _race(verified, args, kwargs) if len(verified) > 1 else {}
-            name, fn, out, verdict, seconds = min(verified, key=lambda v: timings.get(v[0], 0.0))
-            record = GraphRecord(sig, name, time.perf_counter() - started,
-                                 str(verdict) if verdict else "not verified (verify=False)", fallbacks,
-                                 list(timings.items()))
-            notes = contexts[name].notes if name in contexts else []
-            self._mark_graph_pass(name, "applied", seconds, "; ".join([f"used for [{sig}]", *notes]))
-            for loser, *_, loser_seconds in verified:
-                if loser != name:
-                    self._mark_graph_pass(loser, "skipped", loser_seconds,
-                                          f"verified for [{sig}] but slower than {name}: {record.race()}")
-            self._report.graphs.append(record)
-            log.info("cpuboost: built [%s] with %s in %.1f s (%s)", sig, name, record.build_seconds,
-                     record.verification)
-            return verify.match_dtypes(template, out), GraphEntry(name, fn, True, template, record)
-        record = GraphRecord(sig, "eager (original)", time.perf_counter() - started, "is the reference", fallbacks)
-        self._report.graphs.append(record)
-        if reference is None:
-            reference = self._reference(args, kwargs)
-        return reference, GraphEntry("eager", self._eager_original, False, None, record)
+        if torch.is_autocast_enabled("cpu"):  # answer in the dtype eager answers in under the caller's autocast
+            template = verify.dtype_template(self._eager_original(*args, **kwargs))
+        else:
+            template = verify.dtype_template(reference) if reference is not None else None
+        yardsticks: dict = {}
 
-    def _mark_graph_pass(self, name: str, status: str, seconds: float, detail: str) -> None:
+        def yardstick(dtype: torch.dtype) -> Any:
+            if dtype not in yardsticks:
+                yardsticks[dtype] = self._autocast_output(dtype, args, kwargs)
+            return yardsticks[dtype]
+
+        if family is not None and family.dynamic is not None and options.shapes != "static":
+            out = self._serve_new_size(family, key, args, kwargs, reference, yardstick, template, sig)
+            if out is not None:
+                return out
+        dims = self._dynamic_dims(family, shapes, args, kwargs)
+        prefer = family.winner if family is not None else self._winners.get(family_key)
+        stages = self._rungs(args, kwargs, dims, prefer)
+        winner, rungs = ladder.climb(
+            stages, args, kwargs, reference=reference, yardstick=yardstick, eager=self._eager_original,
+            tolerance=options.tolerance, budget=0.0 if prefer else options.tune_budget,
+            verify_outputs=options.verify, signature=sig)
+        record = GraphRecord(sig, "eager (original)", 0.0, "is the reference", rungs=rungs,
+                             dynamic=", ".join(f"{w}:{d}" for w, d in dims.items()) if dims else "")
+        if winner is None:
+            out = reference if reference is not None else self._eager_original(*args, **kwargs)
+            entry = GraphEntry("eager", self._eager_original, None, record, no_grad=False)
+            record.dynamic = ""
+        else:
+            record.path, record.dtype = winner.rung.backend, dtype_name(winner.rung.dtype)
+            record.verification = str(winner.verdict) if winner.verdict else "not verified (verify=False)"
+            record.memory_mb, record.vs_eager = winner.memory_mb, winner.eager_ms / winner.ms
+            record.timings = [(r.name, r.ms) for r in rungs if r.ms is not None]
+            out = winner.out
+            entry = GraphEntry(winner.rung.backend, winner.fn, template, record)
+            self._mark_pass(winner.rung.backend, "applied", winner.build_seconds,
+                            "; ".join([f"used for [{sig}]", *winner.rung.notes]))
+        for rung in rungs:
+            if (winner is None or rung is not winner.record) and not rung.fate.startswith("not tried"):
+                self._mark_pass(rung.name.rsplit(" ", 1)[0], "failed" if rung.fate.startswith(("failed", "rej"))
+                                else "skipped", rung.build_seconds, f"[{sig}] {rung.line()}")
+        record.build_seconds = time.perf_counter() - started
+        self._report.add_graph(record)
+        self._remember(family, family_key, shapes, key, entry, dims, winner)
+        log.info("cpuboost: [%s] served by %s %s after %.1f s", sig, record.path, record.dtype, record.build_seconds)
+        return verify.match_dtypes(template, out) if template is not None and winner is not None else out
+
+    def _serve_new_size(self, family: Family, key, args, kwargs, reference, yardstick, template, sig) -> Any:
+        """A new size for a family that has a dynamic graph: one verification call, then it serves."""
+        entry = family.dynamic
+        begin = time.perf_counter()
+        try:
+            with torch.no_grad():
+                out = entry.fn(*args, **kwargs)
+        except Exception as exc:  # the dynamic graph cannot take this size: build for it
+            self._report.note(f"dynamic graph refused [{sig}]: {ladder._first_line(exc)}")
+            return None
+        dtype = verify_dtype(entry)
+        if reference is not None:
+            yard = yardstick(dtype) if dtype in (torch.bfloat16, torch.float16) else None
+            verdict = verify.compare(reference, out, dtype, yard, self._options.tolerance)
+            if not verdict.ok:
+                self._report.note(f"dynamic graph rejected for [{sig}]: {verdict}; building for it")
+                return None
+        record = dataclasses.replace(entry.record, signature=sig, build_seconds=time.perf_counter() - begin,
+                                     verification=str(verdict) if reference is not None else "not verified",
+                                     rungs=[RungRecord(f"{entry.record.path} {entry.record.dtype}",
+                                                       "served (dynamic graph, verified on this size)")])
+        self._report.add_graph(record)
+        self._cache.put(key, entry)
+        return verify.match_dtypes(template, out) if template is not None else out
+
+    def _dynamic_dims(self, family: Optional[Family], shapes: dict, args: tuple, kwargs: dict) -> dict:
+        options = self._options
+        if options.shapes == "static":
+            return {}
+        if options.dynamic_dims:
+            return _checked_dims(options.dynamic_dims, shapes)
+        if options.shapes == "dynamic":
+            return {w: [d for d, size in enumerate(shape) if size > 1] for w, shape in shapes.items()}
+        if family is None:
+            return {}
+        varying = signature.varying_dims(family.first_shapes, shapes)
+        merged = {w: sorted(set(family.dims.get(w, [])) | set(varying.get(w, []))) for w in {*family.dims, *varying}}
+        return {w: d for w, d in merged.items() if d}
+
+    def _remember(self, family, family_key, shapes, key, entry, dims, winner) -> None:
+        if family is None:
+            family = Family(first_shapes=shapes)
+            self._cache.families[family_key] = family
+        family.builds += 1
+        if winner is not None:
+            family.winner = family.winner or winner.rung.name
+            self._winners[family_key] = winner.rung.name
+        if dims and winner is not None:
+            family.dims, family.dynamic = dims, entry
+        self._cache.put(key, entry)
+        if family.builds > STATIC_GRAPHS_BEFORE_WARNING and "recompiles" not in self._warned:
+            self._warned.add("recompiles")
+            warnings.warn(
+                f"cpuboost built {family.builds} graphs for one input structure of {type(self._original).__name__}"
+                f" (shapes={self._options.shapes!r}); each costs a compile. Pass shapes='auto' (the default) or "
+                "dynamic_dims={'input_name': [dim]} so one dynamic graph serves every size.", stacklevel=4)
+
+    def _rungs(self, args: tuple, kwargs: dict, dims: dict, prefer: Optional[str]) -> list[list[ladder.Rung]]:
+        options, plan = self._options, self._plan
+        work = self._working_copy(args, kwargs)
+        low_precision_work = any(p.dtype in (torch.bfloat16, torch.float16) for p in work.parameters())
+        dtypes = [options.dtype]
+        if options.dtype == torch.int8 and self._hardware.native(torch.bfloat16):
+            dtypes.append(torch.bfloat16)
+        dtypes += [torch.float32] if options.dtype != torch.float32 else []
+        stages: list[list[ladder.Rung]] = []
+        for dtype in dtypes:
+            stage = []
+            for spec in plan.graph_passes:
+                if dtype not in spec.dtypes:
+                    continue
+                opts = dataclasses.replace(options, dtype=dtype,
+                                           calibration=options.calibration if dtype == torch.int8 else None)
+                ctx = PassContext(opts, self._hardware, plan.mode, None, args, kwargs, dynamic_dims=dims or None)
+                stage.append(ladder.Rung(f"{spec.name} {dtype_name(dtype)}", spec.name, dtype,
+                                         lambda spec=spec, ctx=ctx: spec.fn(work, args, kwargs, ctx), ctx.notes))
+            if dtype in (torch.bfloat16, torch.float16) or (
+                    dtype == torch.float32 and plan.module_passes and not low_precision_work):
+                stage.append(ladder.Rung(f"eager+passes {dtype_name(dtype)}", "eager+passes", dtype,
+                                         lambda dtype=dtype: _eager_runner(work, dtype)))
+            if stage:
+                stages.append(stage)
+        if prefer:  # a known winner goes first; with it, the ladder stops at the first rung that wins
+            for stage in stages:
+                chosen = [r for r in stage if r.name == prefer]
+                if chosen:
+                    stage.remove(chosen[0])
+                    stages[0].insert(0, chosen[0])
+                    break
+        return stages
+
+    def _working_copy(self, args: tuple, kwargs: dict) -> nn.Module:
+        if self._work is None:
+            ctx = lambda: PassContext(self._options, self._hardware, self._plan.mode, None, args, kwargs)  # noqa: E731
+            self.__dict__["_work"] = apply_module_passes(self._original, self._plan.module_passes,
+                                                         self._report.passes, ctx, self._options.inplace)
+        return self._work
+
+    def _mark_pass(self, name: str, status: str, seconds: float, detail: str) -> None:
         record = next((r for r in self._report.passes if r.name == name), None)
-        if record is None or record.status == "applied" and status != "applied":
-            return  # a pass that served one signature stays "applied"; the rest per signature is in graphs
+        if record is None or (record.status != "planned" and status != "applied"):
+            return  # the first verdict stays (a pass that served stays "applied"); the rest is in graphs
         record.status, record.detail = status, detail
         record.seconds = max(record.seconds, seconds)
 
-    def _eager_original(self, *args: Any, **kwargs: Any) -> Any:
-        with _eval_temporarily(self._original), torch.no_grad():
-            return self._original(*args, **kwargs)
+    def __getattr__(self, name: str) -> Any:
+        if name == "generate" and hasattr(self.__dict__["_original"], "generate"):
+            from .generation import generate_for  # generate() through the optimized path, or as eager runs it
 
-    def _pass_context(self, args: tuple, kwargs: dict) -> PassContext:
-        return PassContext(self._options, self._hardware, self._plan.mode, None, args, kwargs)
-
-    def _working_copy(self, args: tuple, kwargs: dict) -> Optional[nn.Module]:
-        """The original (copied unless inplace=True) with every module pass applied, built once."""
-        if self._work is not None:
-            return self._work
-        applied: list = []
-        work = self._fresh_copy()
-        for spec in self._plan.module_passes:
-            record = next(r for r in self._report.passes if r.name == spec.name)
-            ctx = self._pass_context(args, kwargs)
-            started = time.perf_counter()
-            try:
-                work = spec.fn(work, ctx) or work
-            except Exception as exc:  # a pass that raises is skipped; the copy is rebuilt without it
-                record.status, record.seconds = "failed", time.perf_counter() - started
-                record.detail = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                log.warning("cpuboost: pass %s failed (after %s): %s", spec.name, [s.name for s in applied], exc)
-                work = self._fresh_copy()
-                for done in applied:
-                    work = done.fn(work, self._pass_context(args, kwargs)) or work
-                continue
-            record.status, record.seconds = "applied", time.perf_counter() - started
-            record.detail = "; ".join(ctx.notes) or spec.doc
-            applied.append(spec)
-        self.__dict__["_work"] = work
-        return work
-
-    def _fresh_copy(self) -> nn.Module:
-        if self._options.inplace:
-            return self._original
-        with torch.no_grad():
-            return copy.deepcopy(self._original)
+            return functools.partial(generate_for, self)
+        return super().__getattr__(name)
 
     def explain(self) -> Report:
         return self._report
 
 
-_RACE_ROUNDS = 3
+def verify_dtype(entry: GraphEntry) -> torch.dtype:
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "int8": torch.int8}
+    return names.get(entry.record.dtype, torch.float32)
 
 
-def _race(verified: list, args: tuple, kwargs: dict) -> dict[str, float]:
-    """Best of a few interleaved calls per verified graph, in ms (each graph has run once already)."""
-    best = {name: float("inf") for name, *_ in verified}
-    with torch.no_grad():
-        for _ in range(_RACE_ROUNDS):
-            for name, fn, *_ in verified:
-                begin = time.perf_counter()
-                fn(*args, **kwargs)
-                best[name] = min(best[name], (time.perf_counter() - begin) * 1e3)
-    return best
-
-
-def _eager_runner(model: nn.Module, dtype: torch.dtype) -> Callable:
-    """The working copy under the plan's precision; fp32 outside any autocast needs no wrapper at all.
-
-    Safe to decide once per entry: the outer autocast state is part of the cache key.
-    """
-    from .precision import PrecisionRunner
-
-    if dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
-        return model
-    return PrecisionRunner(model, dtype)
+def _checked_dims(declared: dict, shapes: dict) -> dict:
+    """``dynamic_dims`` checked against this call: every input named must be a tensor with those dims."""
+    for where, dims in declared.items():
+        if where not in shapes:
+            inputs = ", ".join(repr(w) for w in shapes) or "none"
+            msg = (f"dynamic_dims names input {where!r}, which this call does not pass as a tensor (tensor inputs: "
+                   f"{inputs}); name a keyword argument or a positional index from those")
+            raise InvalidOptionError(msg)
+        rank = len(shapes[where])
+        bad = [d for d in dims if not -rank <= d < rank]
+        if bad:
+            msg = (f"dynamic_dims[{where!r}] = {list(dims)} names dim(s) {bad}, but that input has {rank} dims "
+                   f"(shape {list(shapes[where])}); use indices 0..{rank - 1}")
+            raise InvalidOptionError(msg)
+    return {w: sorted(d % len(shapes[w]) for d in dims) for w, dims in declared.items() if dims}

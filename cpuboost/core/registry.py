@@ -17,7 +17,7 @@ from ..errors import PassRegistrationError
 from ..machine.hardware import Hardware
 from ..options import Options
 
-MODES = ("infer", "train")
+PASS_MODES = ("infer", "train")
 KINDS = ("module", "graph")
 
 # why a pass does not apply here, or None when it does
@@ -49,6 +49,7 @@ class PassContext:
     example_args: tuple = ()
     example_kwargs: dict = dataclasses.field(default_factory=dict)
     notes: list = dataclasses.field(default_factory=list)
+    dynamic_dims: Optional[dict] = None  # graph passes: {input position or name: [dims]} to build dynamic in
 
     def note(self, text: str) -> None:
         """Add a detail to this pass's line in the report (what it changed, how many)."""
@@ -65,6 +66,11 @@ class PassSpec:
     before: tuple[str, ...]
     available: Availability
     doc: str
+    dtypes: frozenset = frozenset({torch.float32, torch.bfloat16, torch.float16})  # graph passes: built for
+    # module passes: True when the pass may write into weight storage in place; such a plan gets a full
+    # copy of the weights. Passes that only rebind (``.to()``, ``param.data = ...``, folding) declare False
+    # and the working copy shares every weight they leave alone with the user's model.
+    writes_weights: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,21 +125,27 @@ def register_pass(
     before: Iterable[str] | str = (),
     available: Availability | None = None,
     replace: bool = False,
+    dtypes: Iterable[torch.dtype] | None = None,
+    writes_weights: bool = True,
 ):
     """Register a pass; usable bare (``@register_pass``) or with arguments.
 
     A module pass is ``fn(model, ctx) -> model`` and works on cpuboost's copy of the user's model.
     A graph pass is ``fn(model, example_args, example_kwargs, ctx) -> callable``.
-    ``available(ctx)`` returns None when the pass applies, or the reason it does not.
+    ``available(ctx)`` returns None when the pass applies, or the reason it does not. ``dtypes``: the dtypes
+    a graph pass builds for (default bf16, fp16, fp32; the int8 pass builds for int8 only).
+    ``writes_weights=False`` promises a module pass never writes into weight storage in place (it may rebind
+    tensors): then cpuboost's working copy shares the weights it leaves alone instead of copying them all.
     """
     if fn is None:
         return lambda f: register_pass(
-            f, name=name, modes=modes, kind=kind, after=after, before=before, available=available, replace=replace
+            f, name=name, modes=modes, kind=kind, after=after, before=before, available=available, replace=replace,
+            dtypes=dtypes, writes_weights=writes_weights,
         )
     pass_name = name or fn.__name__
     mode_set = frozenset(_as_tuple(modes))
-    if not mode_set or not mode_set <= set(MODES):
-        msg = f"pass {pass_name!r}: modes={sorted(mode_set)!r} must be a non-empty subset of {MODES}"
+    if not mode_set or not mode_set <= set(PASS_MODES):
+        msg = f"pass {pass_name!r}: modes={sorted(mode_set)!r} must be a non-empty subset of {PASS_MODES}"
         raise PassRegistrationError(msg)
     if kind not in KINDS:
         raise PassRegistrationError(f"pass {pass_name!r}: kind={kind!r} must be one of {KINDS}")
@@ -146,6 +158,8 @@ def register_pass(
         before=_as_tuple(before),
         available=available or _always,
         doc=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "",
+        writes_weights=writes_weights,
+        **({"dtypes": frozenset(dtypes)} if dtypes is not None else {}),
     )
     if pass_name in spec.after + spec.before:
         raise PassRegistrationError(f"pass {pass_name!r} cannot be ordered relative to itself")
@@ -237,3 +251,11 @@ def plan(model: torch.nn.Module, optimizer, options: Options, hardware: Hardware
         graph_passes=tuple(p for p in chosen if p.kind == "graph"),
         skipped=tuple(skipped),
     )
+
+
+def plan_here(model: torch.nn.Module, options: Options, mode: str = "infer") -> tuple[Plan, Hardware]:
+    """The plan for ``model`` on this machine, without an optimizer (where an unpickled model lands)."""
+    from ..machine.hardware import detect
+
+    hw = detect()
+    return plan(model, None, options, hw, mode), hw

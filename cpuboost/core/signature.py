@@ -51,3 +51,33 @@ def any_requires_grad(args: tuple, kwargs: dict) -> bool:
         return any(a.requires_grad for a in args) or any(v.requires_grad for v in kwargs.values())
     leaves, _ = pytree.tree_flatten((args, kwargs))
     return any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves)
+
+
+def _shape_free(value: Any) -> Hashable:
+    """A top-level input's key with its sizes left out: rank, dtype, device, layout, requires_grad."""
+    if isinstance(value, torch.Tensor):
+        layout = "cl" if value.dim() == 4 and value.is_contiguous(memory_format=torch.channels_last) \
+            and not value.is_contiguous() else ("c" if value.is_contiguous() else "s")
+        return ("tensor", value.dim(), value.dtype, value.device, value.requires_grad, layout)
+    return _key(value)
+
+
+def family_key(args: tuple, kwargs: dict) -> Hashable:
+    """The call's structure without the sizes of its top-level tensors: calls that differ only in those
+    sizes (sequence length, batch, image size) share one family and may share one dynamic graph."""
+    autocast = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+    return (tuple(_shape_free(a) for a in args), tuple((k, _shape_free(v)) for k, v in kwargs.items()), autocast)
+
+
+def top_level_shapes(args: tuple, kwargs: dict) -> dict[Any, tuple[int, ...]]:
+    """Sizes of the top-level tensor inputs, by position (int) or keyword name (str)."""
+    shapes: dict[Any, tuple[int, ...]] = {i: tuple(a.shape) for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
+    shapes.update({k: tuple(v.shape) for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+    return shapes
+
+
+def varying_dims(first: dict[Any, tuple[int, ...]], now: dict[Any, tuple[int, ...]]) -> dict[Any, list[int]]:
+    """The dims whose size differs between two calls of one family."""
+    dims = {where: [d for d, (a, b) in enumerate(zip(first[where], shape)) if a != b]
+            for where, shape in now.items() if where in first}
+    return {where: ds for where, ds in dims.items() if ds}

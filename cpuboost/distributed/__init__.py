@@ -56,7 +56,7 @@ __all__ = [
 # Long enough for rank 0 to write a large checkpoint while the others wait at the next collective;
 # short enough that a stuck or dead rank ends the job in minutes, not torch's default 30.
 DEFAULT_TIMEOUT_S = 600.0
-BACKENDS = ("gloo", "mpi", "ccl")
+PROCESS_GROUP_BACKENDS = ("gloo", "mpi", "ccl")
 GRADIENT_DTYPES = ("fp32", "bf16")
 
 log = rank_logger("cpuboost.distributed")
@@ -127,9 +127,9 @@ def _timeout(value: Any) -> datetime.timedelta:
 
 
 def _backend(value: Any) -> str:
-    if isinstance(value, str) and value.strip().lower() in BACKENDS:
+    if isinstance(value, str) and value.strip().lower() in PROCESS_GROUP_BACKENDS:
         return value.strip().lower()
-    msg = (f"backend={value!r} is not one of {', '.join(map(repr, BACKENDS))}; 'gloo' works on every CPU "
+    msg = (f"backend={value!r} is not one of {', '.join(map(repr, PROCESS_GROUP_BACKENDS))}; 'gloo' works on every CPU "
            "(oneCCL needs oneccl_bindings_for_pytorch, MPI a torch built with MPI)")
     raise InvalidOptionError(msg)
 

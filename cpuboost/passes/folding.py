@@ -86,4 +86,5 @@ def _has_bn(ctx: PlanContext):
 
 
 def register() -> None:
-    register_pass(fold_batchnorm, name="fold_batchnorm", modes="infer", after="eval", available=_has_bn)
+    register_pass(fold_batchnorm, name="fold_batchnorm", modes="infer", after="eval", available=_has_bn,
+                  writes_weights=False)

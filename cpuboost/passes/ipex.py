@@ -27,7 +27,11 @@ def build_ipex(model: nn.Module, args: tuple, kwargs: dict, ctx: PassContext) ->
     """IPEX: ipex.optimize, then TorchScript trace+freeze with fusion=True (warm-up runs fuse oneDNN ops)."""
     from ..backends.ipex import infer as ipex_infer
 
-    return ipex_infer.build(model, args, kwargs, ctx.options.dtype, ctx.options.fusion, ctx.notes)
+    if ctx.dynamic_dims and ctx.options.fusion:
+        raise NotImplementedError("IPEX's TorchScript trace is static in every dim; it drops out for dynamic dims "
+                                  f"{ctx.dynamic_dims}")
+    return ipex_infer.build(model, args, kwargs, ctx.options.dtype, ctx.options.fusion, ctx.notes,
+                            accept_tracer_warnings=ctx.options.accept_tracer_warnings)
 
 
 def _ipex_verdict(explicit: bool) -> Optional[str]:
@@ -134,7 +138,7 @@ def _copying_loader(module: nn.Module, ipex_load: Callable) -> Callable:
 
 
 def register() -> None:
-    register_pass(build_ipex, name="ipex", kind="graph", modes="infer", after="inductor",
+    register_pass(build_ipex, name="ipex", kind="graph", modes="infer", after=("inductor", "openvino"),
                   available=_inference_wanted)
     register_pass(ipex_optimize, name="ipex_optimize", modes="train", after=("fused_optimizer", "autocast"),
                   available=_training_wanted)

@@ -20,5 +20,5 @@ def _conv_net(ctx: PlanContext):
 
 
 def register() -> None:
-    register_pass(channels_last, name="channels_last", modes=("infer", "train"), after="fold_batchnorm",
+    register_pass(channels_last, name="channels_last", modes=("infer", "train"), after="fold_batchnorm", writes_weights=False,
                   available=_conv_net)

@@ -14,4 +14,4 @@ def eval_mode(model, ctx):
 
 
 def register() -> None:
-    register_pass(eval_mode, name="eval", modes="infer")
+    register_pass(eval_mode, name="eval", modes="infer", writes_weights=False)

@@ -30,5 +30,5 @@ def _wanted(ctx: PlanContext):
 
 
 def register() -> None:
-    register_pass(low_precision_weights, name="low_precision_weights", modes="infer", after="channels_last",
+    register_pass(low_precision_weights, name="low_precision_weights", modes="infer", after="channels_last", writes_weights=False,
                   available=_wanted)

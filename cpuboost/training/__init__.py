@@ -21,7 +21,7 @@ from ..errors import ModelModeError
 from ..options import Options
 from ..passes import training as train_passes
 from ..core.proxy import ModelProxy
-from ..core.registry import PassContext, PassSpec, Plan
+from ..core.registry import PassContext, PassSpec, Plan, plan_here
 from ..core.report import PassRecord, Report
 
 log = logging.getLogger("cpuboost")
@@ -49,6 +49,19 @@ class TrainingModule(ModelProxy):
             _candidates=list(plan.graph_passes),
             _build_lock=threading.Lock(),
         )
+
+    def __reduce_ex__(self, protocol: int):
+        """Copies keep the model, options, report and scaler; the plan and any compiled forward are made
+        again where the copy lands (they hold functions and compiled code, which do not travel)."""
+        from ..core.pickling import reduce_proxy
+
+        return reduce_proxy(self, {"options": self._options, "report": self._report, "scaler": self._scaler})
+
+    def __setstate__(self, state: dict) -> None:
+        plan, _ = plan_here(state["original"], state["options"], mode="train")
+        nn.Module.__init__(self)
+        TrainingModule.__init__(self, state["original"], state["options"], plan, state["report"])
+        self.__dict__["_scaler"] = state["scaler"]
 
     @property
     def grad_scaler(self) -> torch.amp.GradScaler:

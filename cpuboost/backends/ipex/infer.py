@@ -120,8 +120,12 @@ def _jit_warnings(seen: list[str]):
     seen.extend(str(w.message).splitlines()[0] for w in caught if issubclass(w.category, torch.jit.TracerWarning))
 
 
+class TracerWarningsError(RuntimeError):
+    """The trace warned (a data-dependent branch or shape was frozen): it may be wrong for other inputs."""
+
+
 def trace_frozen(module: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype,
-                 notes: Optional[list] = None) -> Frozen:
+                 notes: Optional[list] = None, accept_tracer_warnings: bool = True) -> Frozen:
     """Trace + freeze under no_grad and the dtype's autocast, then warm up so IPEX's fusion pass fires."""
     flat = Flat(module, args, kwargs).eval()  # a new Module defaults to train mode; freeze needs eval
     example = flat.inputs(args, kwargs)
@@ -131,18 +135,22 @@ def trace_frozen(module: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtyp
         graph = torch.jit.freeze(traced)
         for _ in range(WARMUP_RUNS):
             graph(*example)
+    if tracer_warnings and not accept_tracer_warnings:
+        msg = (f"{len(tracer_warnings)} tracer warning(s) (a branch or shape frozen into the trace), first: "
+               f"{tracer_warnings[0][:160]}; pass accept_tracer_warnings=True to keep such traces")
+        raise TracerWarningsError(msg)
     if notes is not None and tracer_warnings:
         notes.append(f"{len(tracer_warnings)} tracer warning(s), first: {tracer_warnings[0][:160]}")
     return Frozen(graph, flat, dtype)
 
 
 def build(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype, fusion: bool,
-          notes: Optional[list] = None) -> Callable:
+          notes: Optional[list] = None, accept_tracer_warnings: bool = True) -> Callable:
     """The IPEX callable for one input signature: frozen TorchScript with fusion, else imperative."""
     optimized = optimized_copy(model, dtype, notes)
     if not fusion:
         return Imperative(optimized, dtype)
-    return trace_frozen(optimized, args, kwargs, dtype, notes)
+    return trace_frozen(optimized, args, kwargs, dtype, notes, accept_tracer_warnings)
 
 
 def register_bench(register_path) -> None:

@@ -1,0 +1,88 @@
+"""Built graphs by input signature, grouped into families that differ only in top-level tensor sizes.
+
+An exact signature maps to the entry that serves it. A family remembers its first sizes, the rung that won
+there, and at most one dynamic graph: once a dimension takes a second size (``shapes="auto"``), one graph
+dynamic in that dimension is built and later sizes are served from it after one verification call each.
+The exact-signature table is a bounded LRU of references: evicting one only costs a re-verification.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from typing import Any, Callable, Hashable, Optional
+
+import torch
+
+from . import verify
+from .report import GraphRecord
+
+
+@dataclasses.dataclass
+class GraphEntry:
+    path: str
+    fn: Callable[..., Any]
+    template: Any  # eager's output dtypes, to answer in the dtype eager would
+    record: GraphRecord
+    no_grad: bool = True
+
+    def __call__(self, args: tuple, kwargs: dict) -> Any:
+        if self.no_grad:
+            with torch.no_grad():
+                out = self.fn(*args, **kwargs)
+        else:
+            out = self.fn(*args, **kwargs)
+        return verify.match_dtypes(self.template, out) if self.template is not None else out
+
+
+@dataclasses.dataclass
+class Family:
+    first_shapes: dict
+    winner: Optional[str] = None  # the rung that served the first size, tried first for later builds
+    dims: dict = dataclasses.field(default_factory=dict)  # dims seen varying
+    dynamic: Optional[GraphEntry] = None
+    builds: int = 0
+
+
+class SignatureCache:
+    """Thread-safe: lookups take a short lock; builds are serialized by the caller."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.entries: collections.OrderedDict[Hashable, GraphEntry] = collections.OrderedDict()
+        self.families: dict[Hashable, Family] = {}
+        self.lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Optional[GraphEntry]:
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is not None:
+                self.entries.move_to_end(key)
+            return entry
+
+    def put(self, key: Hashable, entry: GraphEntry) -> None:
+        with self.lock:
+            self.entries[key] = entry
+            self.entries.move_to_end(key)
+            # static graphs are bounded by cache_size; references to a family's dynamic graph are cheap
+            while self._static_count() > self.size or len(self.entries) > 16 * self.size:
+                self.entries.popitem(last=False)
+
+    def _static_count(self) -> int:
+        dynamic = {id(f.dynamic) for f in self.families.values() if f.dynamic is not None}
+        return len({id(e) for e in self.entries.values() if id(e) not in dynamic})
+
+    def drop(self, key: Hashable) -> None:
+        with self.lock:
+            self.entries.pop(key, None)
+
+    def family(self, key: Hashable) -> Optional[Family]:
+        return self.families.get(key)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+            self.families.clear()
+
+    def __len__(self) -> int:
+        return len(self.entries)

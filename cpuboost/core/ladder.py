@@ -1,0 +1,117 @@
+"""The build ladder: candidates for one input signature, each built, verified and raced against eager.
+
+Rungs come in stages: the requested dtype first (Inductor, OpenVINO, IPEX, eager with passes), then the
+same backends in fp32 if none of the first stage is both accurate enough and faster than eager fp32; the
+original eager model is what serves when no rung wins. A candidate is judged against the eager fp32
+reference by what its dtype can do (``verify.compare`` with eager autocast's own error as the yardstick),
+then timed against the original eager fp32 call, interleaved. The fastest verified candidate that beats
+eager serves; losers are freed before the next rung, so racing never holds two extra graphs at once.
+After a winner exists, further rungs start only while the ``tune_budget`` (seconds) lasts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..errors import CpuBoostError
+from . import race, verify
+from .progress import progress
+from .report import RungRecord
+
+
+@dataclasses.dataclass
+class Rung:
+    name: str  # backend and dtype, "inductor bf16"
+    backend: str
+    dtype: torch.dtype
+    build: Callable[[], Callable[..., Any]]
+    notes: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Winner:
+    rung: Rung
+    fn: Callable[..., Any]
+    out: Any
+    verdict: Optional[verify.Verdict]
+    build_seconds: float
+    ms: float
+    eager_ms: float
+    memory_mb: float
+    record: RungRecord
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+
+
+def climb(stages: list[list[Rung]], args: tuple, kwargs: dict, *, reference: Any,
+          yardstick: Callable[[torch.dtype], Any], eager: Callable[..., Any], tolerance: Optional[float],
+          budget: float, verify_outputs: bool, signature: str) -> tuple[Optional[Winner], list[RungRecord]]:
+    """Try the rungs in order; return the winner (None: eager serves) and a record of every rung."""
+    records: list[RungRecord] = []
+    best: Optional[Winner] = None
+    started = time.perf_counter()
+    total = sum(len(stage) for stage in stages)
+    with progress(total, signature) as bar:
+        for stage in stages:
+            if best is not None:
+                records += [RungRecord(r.name, f"not tried: {best.rung.name} won in the requested dtype")
+                            for r in stage]
+                continue
+            for rung in stage:
+                if best is not None and time.perf_counter() - started > budget:
+                    records.append(RungRecord(rung.name, f"not tried: tune_budget={budget:g} s spent"))
+                    bar.end(rung.name, "skipped (budget)")
+                    continue
+                bar.start(rung.name, signature)
+                candidate = _try(rung, args, kwargs, reference, yardstick, eager, tolerance, verify_outputs)
+                records.append(candidate if isinstance(candidate, RungRecord) else candidate.record)
+                if isinstance(candidate, Winner):
+                    if best is None or candidate.ms / candidate.eager_ms < best.ms / best.eager_ms:
+                        if best is not None:
+                            best.record.fate = f"verified but slower than {rung.name}"
+                        best, candidate = candidate, best
+                    if candidate is not None:
+                        candidate.record.fate = f"verified but slower than {best.rung.name}"
+                        del candidate
+                        gc.collect()  # a loser's graph goes before the next rung is built
+                bar.end(rung.name, records[-1].fate)
+    if best is not None:
+        best.record.fate = "served"
+    return best, records
+
+
+def _try(rung: Rung, args: tuple, kwargs: dict, reference: Any, yardstick: Callable[[torch.dtype], Any],
+         eager: Callable[..., Any], tolerance: Optional[float], verify_outputs: bool) -> Winner | RungRecord:
+    before = race.resident_mb()
+    begin = time.perf_counter()
+    try:
+        fn = rung.build()
+        out = race.run_once(fn, args, kwargs)
+    except Exception as exc:  # any backend failure: record it, the next rung is tried
+        if isinstance(exc, CpuBoostError) and isinstance(exc, ValueError):
+            raise  # the user's input is wrong (calibration data, dynamic_dims): say so, build nothing
+        return RungRecord(rung.name, f"failed: {_first_line(exc)}", time.perf_counter() - begin)
+    seconds = time.perf_counter() - begin
+    verdict = None
+    if verify_outputs:
+        yard = yardstick(rung.dtype) if rung.dtype in (torch.bfloat16, torch.float16) else None
+        verdict = verify.compare(reference, out, rung.dtype, yard, tolerance)
+        if not verdict.ok:
+            return RungRecord(rung.name, "rejected: not accurate enough", seconds, str(verdict))
+    try:
+        ms, eager_ms = race.against_eager(fn, eager, args, kwargs)
+    except Exception as exc:  # a graph that answered once but not twice is not served
+        return RungRecord(rung.name, f"failed on a second call: {_first_line(exc)}", seconds)
+    error = str(verdict) if verdict else "not verified (verify=False)"
+    record = RungRecord(rung.name, "", seconds, error, ms, eager_ms / ms if ms else None)
+    if ms >= eager_ms:
+        record.fate = "slower than eager fp32"
+        return record
+    return Winner(rung, fn, out, verdict, seconds, ms, eager_ms, max(race.resident_mb() - before, 0.0), record)

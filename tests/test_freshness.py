@@ -1,0 +1,106 @@
+"""Never stale: every kind of weight edit gives the eager model's answer at that moment, on every path."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import cpuboost
+
+from nets import StackNet, randomize_bn
+
+
+def _net(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return randomize_bn(StackNet(3, [8, 8], ["relu", "gelu"], [False, True], True), gen).eval()
+
+
+def _eager(net, x):
+    with torch.no_grad():
+        return net(x)
+
+
+def _edit(net, kind, gen):
+    """One weight edit of ``kind``; none of them bumps the edited Parameter's version counter except 'inplace'."""
+    conv = net.blocks[0].conv
+    bn = net.blocks[1].bn
+    with torch.no_grad():
+        if kind == "data_mul":
+            conv.weight.data.mul_(3)
+        elif kind == "data_assign":
+            conv.weight.data = torch.randn(conv.weight.shape, generator=gen)
+        elif kind == "new_parameter":
+            net.fc.weight = nn.Parameter(torch.randn(net.fc.weight.shape, generator=gen))
+        elif kind == "assign_state_dict":
+            other = _net(int(torch.randint(1, 100, (1,), generator=gen)))
+            net.load_state_dict(other.state_dict(), assign=True)
+        elif kind == "load_state_dict":
+            net.load_state_dict(_net(int(torch.randint(1, 100, (1,), generator=gen))).state_dict())
+        elif kind == "bn_stats_data":
+            bn.running_mean.data = torch.randn(bn.running_mean.shape, generator=gen)
+        elif kind == "bn_stats_inplace":
+            bn.running_var.mul_(2)
+        elif kind == "inplace":
+            net.fc.bias.add_(1.0)
+        elif kind == "data_zero_rows":  # pruning-style
+            conv.weight.data[: conv.weight.shape[0] // 2] = 0
+        elif kind == "ema":
+            for p in net.parameters():
+                p.data.mul_(0.9).add_(0.1)
+
+
+EDITS = ["data_mul", "data_assign", "new_parameter", "assign_state_dict", "load_state_dict", "bn_stats_data",
+         "bn_stats_inplace", "inplace", "data_zero_rows", "ema"]
+
+
+@pytest.mark.parametrize("kind", EDITS)
+def test_each_edit_is_seen_on_the_eager_path(kind):
+    """fusion=False: after each kind of edit the answer is eager's new one, and the report says why."""
+    net = _net()
+    model = cpuboost.optimize(net, dtype="fp32", fusion=False)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model(x), _eager(net, x), rtol=1e-4, atol=1e-5)
+    before = _eager(net, x)
+    _edit(net, kind, torch.Generator().manual_seed(1))
+    after = _eager(net, x)
+    assert not torch.allclose(before, after)  # the edit changes the answer, so staleness would show
+    torch.testing.assert_close(model(x), after, rtol=1e-4, atol=1e-5)
+    assert any(e.startswith("graphs dropped") for e in cpuboost.explain(model).events)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["data_mul", "new_parameter", "bn_stats_data"])
+def test_edits_are_seen_on_the_compiled_path(kind):
+    """fusion=True (a frozen Inductor graph holds the weights as constants): an edit rebuilds."""
+    net = _net()
+    model = cpuboost.optimize(net, dtype="fp32", backend="native", tune_budget=0)
+    x = torch.randn(2, 3, 8, 8)
+    model(x)
+    _edit(net, kind, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model(x), _eager(net, x), rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.sampled_from(EDITS + ["none"]), st.integers(1, 3), st.sampled_from([6, 8])),
+                min_size=1, max_size=6), st.integers(0, 2**16))
+def test_fuzz_edits_and_shapes_never_stale(steps, seed):
+    """Interleaved calls, random edits of every kind and random shapes: every answer is eager's now."""
+    gen = torch.Generator().manual_seed(seed)
+    net = _net(seed % 7)
+    model = cpuboost.optimize(net, dtype="fp32", fusion=False, tune_budget=0)
+    for kind, batch, size in steps:
+        if kind != "none":
+            _edit(net, kind, gen)
+        x = torch.randn(batch, 3, size, size, generator=gen)
+        torch.testing.assert_close(model(x), _eager(net, x), rtol=1e-4, atol=1e-5)
+
+
+def test_invalidate_by_hand_covers_the_unsampled_edit():
+    """A hand edit of one element through .data may miss the sampled fingerprint; invalidate() is the fix."""
+    net = _net()
+    model = cpuboost.optimize(net, dtype="fp32", fusion=False)
+    x = torch.randn(2, 3, 8, 8)
+    model(x)
+    net.fc.bias.data[1] += 5.0
+    model.invalidate("edited by hand")
+    torch.testing.assert_close(model(x), _eager(net, x), rtol=1e-4, atol=1e-5)

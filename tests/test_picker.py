@@ -1,0 +1,158 @@
+"""The path picker: accuracy judged by what the dtype can do, never slower than eager, fp32 fallback."""
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import cpuboost
+from cpuboost.core import registry
+from cpuboost.core.verify import compare
+from cpuboost.errors import BackendUnavailableError, CpuBoostError, InvalidOptionError
+
+from nets import MLP, randomize_bn
+
+
+def _eager(net, x):
+    with torch.no_grad():
+        return net(x)
+
+
+@pytest.fixture
+def graph_pass():
+    """Register graph passes for one test; all are removed afterwards."""
+    names = []
+
+    def add(fn, name, dtypes=None):
+        registry.register_pass(fn, name=name, kind="graph", modes="infer", dtypes=dtypes)
+        names.append(name)
+
+    yield add
+    for name in names:
+        registry.unregister_pass(name)
+
+
+def test_a_candidate_slower_than_eager_never_serves(graph_pass):
+    """A correct graph that is slower than the original eager call is timed, recorded and not served."""
+
+    def build(model, args, kwargs, ctx):
+        def slow(*a, **k):
+            time.sleep(0.02)
+            return model(*a, **k)
+        return slow
+
+    graph_pass(build, "test_slow_graph")
+    net = randomize_bn(MLP([8, 8, 4])).eval()
+    model = cpuboost.optimize(net, dtype="fp32", fusion=False)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(model(x), _eager(net, x), rtol=1e-4, atol=1e-5)
+    graph = cpuboost.explain(model).graphs[-1]
+    slow = next(r for r in graph.rungs if r.name == "test_slow_graph fp32")
+    assert graph.path != "test_slow_graph"
+    assert slow.fate == "slower than eager fp32" or slow.fate.startswith("verified but slower"), slow.line()
+
+
+def test_inaccurate_low_precision_falls_back_to_fast_fp32(graph_pass):
+    """A bf16 graph far from eager is rejected; a verified fp32 graph faster than eager then serves."""
+    net = randomize_bn(MLP([8, 16, 4])).eval()
+
+    def wrong_bf16(model, args, kwargs, ctx):
+        with torch.no_grad():
+            answer = model(*args, **kwargs) * 1.5
+        return lambda *a, **k: answer
+
+    def right_fp32(model, args, kwargs, ctx):
+        with torch.no_grad():
+            answer = net(*args, **kwargs).clone()
+        return lambda *a, **k: answer  # precomputed: faster than eager and exact for this input
+
+    graph_pass(wrong_bf16, "test_wrong_bf16", dtypes=(torch.bfloat16,))
+    graph_pass(right_fp32, "test_right_fp32", dtypes=(torch.float32,))
+    model = cpuboost.optimize(net, dtype="bf16", fusion=False)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(model(x), _eager(net, x))
+    graph = cpuboost.explain(model).graphs[-1]
+    assert (graph.path, graph.dtype) == ("test_right_fp32", "fp32"), str(cpuboost.explain(model))
+    wrong = next(r for r in graph.rungs if r.name == "test_wrong_bf16 bf16")
+    assert wrong.fate.startswith("rejected") and "FAILED" in wrong.error
+
+
+def test_bf16_is_judged_against_eager_autocast_not_a_fixed_threshold():
+    """An error well above the old fixed 3e-2 passes when eager autocast itself is that far off."""
+    ref = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    autocast = ref * 1.05  # eager bf16 is 5% off on this output
+    candidate = ref * 1.08
+    assert compare(ref, candidate, torch.bfloat16, yardstick=autocast).ok
+    assert not compare(ref, ref * 1.2, torch.bfloat16, yardstick=autocast).ok
+    assert not compare(ref, candidate, torch.bfloat16, yardstick=autocast, tolerance=1e-2).ok
+
+
+def test_small_outputs_cannot_hide_behind_large_ones():
+    """Errors are judged per output tensor and per row: a wrong small output fails next to a large one."""
+    ref = {"big": torch.full((2, 4), 1000.0), "small": torch.full((2, 4), 1e-3)}
+    out = {"big": ref["big"].clone(), "small": ref["small"] * 2}
+    assert not compare(ref, out, torch.float32).ok
+    rows = torch.stack([torch.full((4,), 1000.0), torch.full((4,), 1.0)])
+    bad_row = rows.clone()
+    bad_row[1] *= 1.5
+    assert not compare(rows, bad_row, torch.float32).ok
+
+
+def test_tolerance_demands_closer():
+    """tolerance= tighter than bf16 can reach sends every bf16 candidate away; the answer stays eager's."""
+    net = randomize_bn(MLP([8, 16, 4])).eval()
+    model = cpuboost.optimize(net, dtype="bf16", fusion=False, tolerance=1e-6)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(model(x), _eager(net, x), rtol=1e-4, atol=1e-5)
+    graph = cpuboost.explain(model).graphs[-1]
+    bf16 = next(r for r in graph.rungs if r.name == "eager+passes bf16")
+    assert bf16.fate.startswith("rejected") and graph.dtype in ("fp32", "")
+
+
+def test_same_model_same_input_same_verdict():
+    """The accuracy verdict is a pure function of model and input: two builds say the same."""
+    net = randomize_bn(MLP([8, 16, 4])).eval()
+    x = torch.randn(3, 8)
+    verdicts = []
+    for _ in range(2):
+        model = cpuboost.optimize(net, dtype="bf16", fusion=False)
+        model(x)
+        verdicts.append(next(r.error for r in cpuboost.explain(model).graphs[-1].rungs
+                             if r.name == "eager+passes bf16"))
+    assert verdicts[0] == verdicts[1] and verdicts[0].startswith("ok")
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"backend": "tpu"}, r"backend='tpu'.*'auto'"),
+    ({"tune_budget": -1}, r"tune_budget=-1.*non-negative"),
+    ({"tolerance": -0.5}, r"tolerance=-0.5.*non-negative"),
+    ({"shapes": "sometimes"}, r"shapes='sometimes'.*'auto'"),
+    ({"dynamic_dims": {"x": 1}}, r"dynamic_dims=.*list of dimension"),
+    ({"calibration": [torch.randn(1)]}, r"calibration=.*int8"),
+])
+def test_bad_options_are_typed_errors_that_name_the_fix(options, match):
+    """Bad values raise InvalidOptionError naming the value and the choices; the model is untouched."""
+    net = MLP([2, 2]).eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(InvalidOptionError, match=match) as info:
+        cpuboost.optimize(net, **options)
+    assert isinstance(info.value, (CpuBoostError, ValueError))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_openvino_without_openvino_is_an_error(monkeypatch):
+    """backend='openvino' where OpenVINO cannot run: BackendUnavailableError with the install command."""
+    from cpuboost import backends
+    from cpuboost.backends import Availability
+
+    monkeypatch.setattr(backends, "openvino_availability",
+                        lambda: Availability("openvino", False, "not installed (pip install 'cpuboost[openvino]')"))
+    with pytest.raises(BackendUnavailableError, match=r"openvino.*pip install"):
+        cpuboost.optimize(nn.Linear(2, 2), backend="openvino")
+
+
+def test_openvino_is_refused_for_training():
+    """backend='openvino' with an optimizer is an error, not silently ignored."""
+    net = nn.Linear(2, 2)
+    with pytest.raises(BackendUnavailableError, match="inference only"):
+        cpuboost.optimize(net, torch.optim.SGD(net.parameters(), lr=0.1), backend="openvino")

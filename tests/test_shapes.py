@@ -1,0 +1,97 @@
+"""Shapes that change: one dynamic graph per input structure, each new size verified once, no storms."""
+import warnings
+
+import pytest
+import torch
+import transformers
+
+import cpuboost
+from cpuboost.errors import InvalidOptionError
+
+from nets import MLP, randomize_bn
+
+
+def _tiny_bert():
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=100)
+    return transformers.BertModel(config).eval()
+
+
+def _ids(length, batch=1):
+    gen = torch.Generator().manual_seed(length)
+    return {"input_ids": torch.randint(0, 100, (batch, length), generator=gen),
+            "attention_mask": torch.ones(batch, length, dtype=torch.long)}
+
+
+def test_many_lengths_build_two_graphs_and_verify_every_size():
+    """Twelve sequence lengths: the first builds a static graph, the second one dynamic graph that serves
+    the rest; every answer matches eager; no recompile warning."""
+    net = _tiny_bert()
+    model = cpuboost.optimize(net, dtype="fp32", fusion=False, tune_budget=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for length in range(8, 56, 4):
+            inputs = _ids(length)
+            with torch.no_grad():
+                expected = net(**inputs).last_hidden_state
+            torch.testing.assert_close(model(**inputs).last_hidden_state, expected, rtol=1e-4, atol=1e-5)
+    graphs = cpuboost.explain(model).graphs
+    built = [g for g in graphs if not g.rungs or not g.rungs[0].fate.startswith("served (dynamic")]
+    assert len(built) <= 2, str(cpuboost.explain(model))
+    assert all(g.verification.startswith(("ok", "is the reference")) for g in graphs)
+    assert len(graphs) == 12  # every size was verified once, on its first call
+
+
+def test_static_shapes_build_per_size_and_warn_with_the_fix():
+    """shapes='static': every size is its own graph; a model that keeps recompiling gets one warning."""
+    net = randomize_bn(MLP([4, 8, 2])).eval()
+    model = cpuboost.optimize(net, dtype="fp32", fusion=False, shapes="static")
+    with pytest.warns(UserWarning, match="dynamic_dims") as caught:
+        for batch in range(2, 9):
+            model(torch.randn(batch, 4))
+    assert len(caught) == 1 and len(cpuboost.explain(model).graphs) == 7
+
+
+def test_declared_dynamic_dims_build_one_graph_up_front():
+    """dynamic_dims={'input_ids': [1], ...}: the first build is already dynamic in the sequence dim."""
+    net = _tiny_bert()
+    model = cpuboost.optimize(net, dtype="fp32", fusion=False,
+                              dynamic_dims={"input_ids": [1], "attention_mask": [1]})
+    for length in (8, 12, 20):
+        inputs = _ids(length)
+        with torch.no_grad():
+            expected = net(**inputs).last_hidden_state
+        torch.testing.assert_close(model(**inputs).last_hidden_state, expected, rtol=1e-4, atol=1e-5)
+    first = cpuboost.explain(model).graphs[0]
+    assert "input_ids:[1]" in first.dynamic
+    assert all(g.rungs[0].fate.startswith("served (dynamic") for g in cpuboost.explain(model).graphs[1:])
+
+
+@pytest.mark.parametrize("dims, match", [
+    ({"pixel_values": [1]}, r"'pixel_values'.*tensor inputs: 'input_ids'"),
+    ({"input_ids": [5]}, r"dim\(s\) \[5\].*2 dims"),
+])
+def test_bad_dynamic_dims_are_typed_errors(dims, match):
+    """dynamic_dims naming an input or dim that does not exist: InvalidOptionError with the fix, no build."""
+    net = _tiny_bert()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    model = cpuboost.optimize(net, dtype="fp32", fusion=False, dynamic_dims=dims)
+    with pytest.raises(InvalidOptionError, match=match):
+        model(**_ids(8))
+    assert cpuboost.explain(model).graphs == []
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+@pytest.mark.slow
+def test_compiled_dynamic_graph_serves_new_lengths_without_rebuilding():
+    """With Inductor: the second length builds one dynamic graph; later lengths reuse it, verified."""
+    net = _tiny_bert()
+    model = cpuboost.optimize(net, dtype="fp32", backend="native", tune_budget=0)
+    for length in (8, 16, 24, 40):
+        inputs = _ids(length)
+        with torch.no_grad():
+            expected = net(**inputs).last_hidden_state
+        torch.testing.assert_close(model(**inputs).last_hidden_state, expected, rtol=1e-4, atol=1e-5)
+    graphs = cpuboost.explain(model).graphs
+    assert sum(1 for g in graphs if not g.rungs[0].fate.startswith("served (dynamic")) <= 2, \
+        str(cpuboost.explain(model))
