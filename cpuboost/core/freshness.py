@@ -1,6 +1,6 @@
 """Weight freshness: notice any edit of a weight or buffer before a graph built from the old ones serves.
 
-Three cheap checks per call, over every parameter and buffer of the user's model:
+Four cheap checks per call, over every parameter and buffer of the user's model:
 - identity: each module's table still holds the same tensor object (``module.weight = nn.Parameter(...)``,
   ``load_state_dict(assign=True)``);
 - binding and in-place writes: each tensor's ``data_ptr`` and version counter (``p.data = t``,
@@ -10,12 +10,14 @@ Three cheap checks per call, over every parameter and buffer of the user's model
   ``.data`` that bump no version counter (``p.data.mul_(3)``, EMA updates). It runs only after the pointer
   check passed, so every address it reads belongs to a live tensor. A write that changes none of the
   sampled elements of any tensor (a few entries edited by hand through ``.data``) is the one edit it can
-  miss; ``model.invalidate()`` covers that case.
+  miss; ``model.invalidate()`` covers that case;
+- plain Python attributes of every module and of ``model.config`` (numbers, strings, flags, tuples).
 Measured per call (benchmarks/freshness.py): see README "What is checked, and what it costs".
 """
 from __future__ import annotations
 
 import ctypes
+import itertools
 import operator
 from typing import Optional
 
@@ -25,6 +27,7 @@ from torch import nn
 SAMPLES_PER_TENSOR = 8
 _DATA_PTR = torch.Tensor.data_ptr
 _VERSION = operator.attrgetter("_version")
+_PLAIN = (bool, int, float, str, type(None), tuple)
 
 
 class _Sampler:
@@ -61,6 +64,16 @@ def _extent(t: torch.Tensor) -> int:
     return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if stride > 0)
 
 
+class _Nones:
+    """An endless row of None defaults for ``map(getattr, ...)`` (a deleted attribute reads as None)."""
+
+    def __getitem__(self, item: slice):
+        return itertools.repeat(None, item.stop)
+
+
+_NONES = _Nones()
+
+
 class WeightWatch:
     """A record of the model's weights at build time; ``changed()`` says what differs now (or None)."""
 
@@ -79,6 +92,17 @@ class WeightWatch:
         self.sampler = _Sampler(self.tensors)
         self.model = model
         self.shape = self._structure()
+        # plain Python attributes that steer forward (``self.scale``, ``config.output_hidden_states``): the
+        # working copy holds its own copies of them, so a change on the user's model must rebuild
+        owners = [*model.modules()]
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "__dict__") and not isinstance(config, nn.Module):
+            owners.append(config)
+        found = [(owner, name, value) for owner in owners for name, value in vars(owner).items()
+                 if not name.startswith("_") and name != "training" and isinstance(value, _PLAIN)]
+        self.attr_owners = [o for o, _, _ in found]
+        self.attr_names = [n for _, n, _ in found]
+        self.attr_values = [v for _, _, v in found]
 
     def _structure(self) -> tuple[int, int]:
         modules = list(self.model.modules())
@@ -94,6 +118,8 @@ class WeightWatch:
             return "a weight was modified in place"
         if not self.sampler.same():
             return "a weight's values changed (a write through .data)"
+        if list(map(getattr, self.attr_owners, self.attr_names, _NONES[:len(self.attr_names)])) != self.attr_values:
+            return "a plain attribute of the model (or its config) changed"
         return None
 
     def structure_changed(self) -> bool:

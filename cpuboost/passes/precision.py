@@ -1,6 +1,7 @@
 """Low-precision weights for the eager path: Conv/Linear weights stored in bf16/fp16 once, not cast per call."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..core.registry import PlanContext, register_pass
@@ -20,8 +21,10 @@ def low_precision_weights(model: nn.Module, ctx) -> nn.Module:
 
 
 def _wanted(ctx: PlanContext):
-    if not ctx.options.low_precision:
-        return "dtype=fp32"
+    if ctx.options.dtype not in (torch.bfloat16, torch.float16):
+        return f"dtype={ctx.options.dtype}".replace("torch.", "")
+    if ctx.options.inplace:
+        return "inplace=True: your model must stay runnable in fp32, the reference for every new input shape"
     if ctx.options.fusion and ctx.hardware.has_cxx_compiler and ctx.options.backend in ("auto", "native"):
         return "fusion=True: Inductor freezing folds the weight casts into constants"
     if not ctx.has_module(*_MATMUL_LAYERS):
