@@ -1,0 +1,411 @@
+"""OpenVINO inference callables: one converted and compiled model per input signature.
+
+The model is wrapped so that it takes the flat tensor inputs and returns a flat tuple of tensors (the
+structure of eager's output is learnt from one eager run and rebuilt around OpenVINO's outputs), traced
+by OpenVINO's PyTorch frontend with ``share_weights=False`` (with shared weights the compiled CPU model
+keeps reading torch's weight memory, so a later in-place weight edit would leak into a built graph), and
+compiled for the CPU with the dtype's ``INFERENCE_PRECISION_HINT``, the latency hint and torch's thread
+count. Before it is handed back, the compiled model is run once on a second input (values changed, dynamic
+dims resized) and compared with eager, so a trace that baked in data- or shape-dependent Python control flow
+is refused here rather than served. ``openvino`` is imported only inside :func:`build`.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+try:
+    from ..errors import CpuBoostError
+except ImportError:  # pragma: no cover - the errors module moved
+    class CpuBoostError(Exception):  # type: ignore[no-redef]
+        """Stand-in root error."""
+
+
+class OpenVINOBuildError(CpuBoostError, RuntimeError):
+    """OpenVINO cannot build a faithful callable for this model and input; the first line says why."""
+
+
+_PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+_CONSTANT_LEAVES = (type(None), bool, int, float, str)
+_PROBE_TOLERANCE = {torch.float32: 1e-3}    # max|diff| / max|eager| on the second input; low precision: 1e-1
+
+
+@functools.lru_cache(maxsize=1)
+def _core():
+    import openvino as ov
+
+    return ov.Core()
+
+
+def _ov_types():
+    import openvino as ov
+
+    return {torch.float32: ov.Type.f32, torch.float16: ov.Type.f16, torch.bfloat16: ov.Type.bf16,
+            torch.float64: ov.Type.f64, torch.int64: ov.Type.i64, torch.int32: ov.Type.i32,
+            torch.int16: ov.Type.i16, torch.int8: ov.Type.i8, torch.uint8: ov.Type.u8, torch.bool: ov.Type.boolean}
+
+
+class _Inputs:
+    """Where the tensors of a call sit in (args, kwargs), and the values fixed at trace time."""
+
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(sorted(kwargs.items()))
+        with_path, self.spec = pytree.tree_flatten_with_path((args, kwargs))
+        self.leaves = [leaf for _, leaf in with_path]
+        self.slots = [i for i, leaf in enumerate(self.leaves) if isinstance(leaf, torch.Tensor)]
+        self.fixed = [(i, leaf) for i, leaf in enumerate(self.leaves) if not isinstance(leaf, torch.Tensor)]
+        self.names = [_leaf_name(with_path[i][0]) for i in self.slots]
+        self.dtypes = [self.leaves[i].dtype for i in self.slots]
+        # fast path: every positional and keyword argument is itself a tensor
+        self.flat_call = all(isinstance(a, torch.Tensor) for a in args) and all(
+            isinstance(v, torch.Tensor) for v in kwargs.values())
+        self.n_args, self.kw_names = len(args), tuple(kwargs)
+
+    def example(self) -> tuple:
+        return tuple(self.leaves[i] for i in self.slots)
+
+    def forget_example(self) -> None:
+        """Drop the example tensors (the template keeps only the values fixed at trace time)."""
+        for i in self.slots:
+            self.leaves[i] = None
+
+    def rebuild(self, tensors) -> tuple[tuple, dict]:
+        leaves = list(self.leaves)
+        for slot, tensor in zip(self.slots, tensors):
+            leaves[slot] = tensor
+        return pytree.tree_unflatten(leaves, self.spec)
+
+    def gather(self, args: tuple, kwargs: dict) -> tuple:
+        if self.flat_call and len(args) == self.n_args and len(kwargs) == len(self.kw_names):
+            try:
+                return (*args, *[kwargs[k] for k in self.kw_names])
+            except KeyError:
+                pass
+        else:
+            leaves, spec = pytree.tree_flatten((args, dict(sorted(kwargs.items()))))
+            if spec == self.spec and all(type(leaves[i]) is type(v) and (leaves[i] is v or leaves[i] == v)
+                                         for i, v in self.fixed):
+                tensors = tuple(leaves[i] for i in self.slots)
+                if all(isinstance(t, torch.Tensor) for t in tensors):
+                    return tensors
+        raise ValueError("this OpenVINO graph was built for another call structure (arguments, keyword names or "
+                         "non-tensor values differ); build one for this signature")
+
+
+def _key_name(key: int | str) -> str:
+    """A dynamic_dims key (a position or a keyword) as the input's name."""
+    return f"arg{key}" if isinstance(key, int) and not isinstance(key, bool) else str(key)
+
+
+def _leaf_name(path) -> str:
+    where, first, *rest = path  # (args or kwargs, position or keyword, deeper keys)
+    head = f"arg{first.idx}" if where.idx == 0 else str(first.key)
+    return head + "".join(f".{getattr(k, 'idx', getattr(k, 'key', getattr(k, 'name', '?')))}" for k in rest)
+
+
+class _Flat(torch.nn.Module):
+    """Tensors in, tuple of tensors out: the form OpenVINO's frontend traces."""
+
+    def __init__(self, model: torch.nn.Module, inputs: _Inputs) -> None:
+        super().__init__()
+        self.model, self._inputs = model, inputs
+
+    def forward(self, *tensors: torch.Tensor) -> tuple:
+        args, kwargs = self._inputs.rebuild(tensors)
+        leaves = pytree.tree_leaves(self.model(*args, **kwargs))
+        return tuple(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
+
+
+def _input_shapes(inputs: _Inputs, dynamic_dims: dict | None) -> list:
+    """``input=`` for convert_model: static shapes, -1 where the caller asked for a dynamic dim."""
+    types = _ov_types()
+    shapes = [list(inputs.leaves[i].shape) for i in inputs.slots]
+    for key, dims in (dynamic_dims or {}).items():
+        name = _key_name(key)
+        if name not in inputs.names:
+            raise ValueError(f"dynamic_dims names {key!r}, which is not a tensor input of this call; tensor inputs: "
+                             f"{', '.join(inputs.names)} (positions as ints, keywords by name)")
+        shape = shapes[inputs.names.index(name)]
+        for dim in ([dims] if isinstance(dims, int) else dims):
+            if not -len(shape) <= dim < len(shape):
+                raise ValueError(f"dynamic_dims: input {name!r} has {len(shape)} dims, no dim {dim}")
+            shape[dim % len(shape)] = -1
+    out = []
+    for name, shape, dtype in zip(inputs.names, shapes, inputs.dtypes):
+        if dtype not in types:
+            raise OpenVINOBuildError(f"input {name!r} has dtype {dtype}, which OpenVINO inputs do not take")
+        out.append((shape, types[dtype]))
+    return out
+
+
+def _why(error: BaseException) -> str:
+    """A one-line reason from OpenVINO's multi-line conversion report."""
+    text = str(error)
+    missing = re.search(r"No conversion rule found for operations: ([^\n]+)", text)
+    if missing:
+        return f"OpenVINO has no conversion rule for {missing.group(1).strip()}"
+    failed = re.search(r"Conversion is failed for: ([^\n]+)", text)
+    if failed:
+        return f"OpenVINO failed to convert {failed.group(1).strip()}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("Check ")]
+    return f"{type(error).__name__}: {lines[0] if lines else text}"[:300]
+
+
+def _convert(flat: _Flat, example: tuple, input_spec: list) -> Any:
+    import openvino as ov
+
+    try:  # our own decoder: same trace as convert_model's, minus the re-run that checks it (~20% of convert)
+        from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
+    except ImportError:
+        return ov.convert_model(flat, example_input=example, input=input_spec, share_weights=False)
+    if "trace_kwargs" not in inspect.signature(TorchScriptPythonDecoder).parameters:
+        return ov.convert_model(flat, example_input=example, input=input_spec, share_weights=False)
+    source = TorchScriptPythonDecoder(flat, example_input=example, shared_memory=False,
+                                      trace_kwargs={"check_trace": False})
+    return ov.convert_model(source, input=input_spec, share_weights=False)
+
+
+def _to_ov(tensor: torch.Tensor, ov_type, keep: list) -> Any:
+    """An ov.Tensor over the tensor's memory. The ov.Tensor does not keep that memory alive: a contiguous
+    copy made here goes into ``keep``, which the caller holds until the inference is done."""
+    import openvino as ov
+
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+        keep.append(tensor)
+    if tensor.dtype == torch.bfloat16:  # numpy has no bf16: hand OpenVINO the bits
+        return ov.Tensor(tensor.view(torch.int16).numpy(), list(tensor.shape), ov_type)
+    return ov.Tensor(tensor.numpy(), shared_memory=True)
+
+
+class OpenVINOCallable:
+    """The compiled model behind the model's own call signature, output structure and dtypes."""
+
+    def __init__(self, compiled: Any, inputs: _Inputs, out_spec: Any, out_leaves: list, weight_bytes: int) -> None:
+        import openvino as ov
+
+        self.compiled, self.inputs, self.out_spec = compiled, inputs, out_spec
+        self.weight_bytes = weight_bytes
+        self.out_fixed = [None if isinstance(x, torch.Tensor) else x for x in out_leaves]
+        self.out_slots = [i for i, x in enumerate(out_leaves) if isinstance(x, torch.Tensor)]
+        self.out_dtypes = [out_leaves[i].dtype for i in self.out_slots]
+        self.out_bf16 = [port.get_element_type() == ov.Type.bf16 for port in compiled.outputs]
+        self.in_types = [port.get_element_type() for port in compiled.inputs]
+        self.single = out_spec.is_leaf() if hasattr(out_spec, "is_leaf") else False
+        self._idle: list = [compiled.create_infer_request()]  # one request per concurrent caller, reused
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        tensors = self.inputs.gather(args, kwargs)
+        for tensor, dtype in zip(tensors, self.inputs.dtypes):
+            if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype:
+                raise TypeError(f"OpenVINO graph built for a {dtype} tensor input, called with "
+                                f"{getattr(tensor, 'dtype', type(tensor).__name__)}")
+        try:
+            request = self._idle.pop()
+        except IndexError:
+            request = self.compiled.create_infer_request()
+        keep: list = []
+        try:
+            for i, (tensor, ov_type) in enumerate(zip(tensors, self.in_types)):
+                request.set_input_tensor(i, _to_ov(tensor, ov_type, keep))
+            request.infer()
+            # copies: the request writes its next results into the same output buffers
+            outs = [self._torch(request.get_output_tensor(i).data, i) for i in range(len(self.out_slots))]
+        finally:
+            self._idle.append(request)
+        if self.single:
+            return outs[0]
+        leaves = list(self.out_fixed)
+        for slot, out in zip(self.out_slots, outs):
+            leaves[slot] = out
+        return pytree.tree_unflatten(leaves, self.out_spec)
+
+    def _torch(self, array: Any, i: int) -> torch.Tensor:
+        if self.out_bf16[i]:  # OpenVINO hands bf16 bits back as a float16 numpy array: reinterpret them
+            out = torch.from_numpy(array.view("int16").copy()).view(torch.bfloat16)
+        else:
+            out = torch.from_numpy(array.copy())
+        return out if out.dtype == self.out_dtypes[i] else out.to(self.out_dtypes[i])
+
+
+def _probe_input(dynamic_dims: dict | None, inputs: _Inputs, grow: bool):
+    """A second valid-looking input: values flipped (floats also scaled), dynamic dims one shorter (or longer)."""
+    resized = {_key_name(key): {d % inputs.leaves[inputs.slots[inputs.names.index(_key_name(key))]].dim()
+                                for d in ([dims] if isinstance(dims, int) else dims)}
+               for key, dims in (dynamic_dims or {}).items()}
+    tensors = []
+    for name, slot in zip(inputs.names, inputs.slots):
+        t = inputs.leaves[slot]
+        t = t.flip(list(range(t.dim()))) if t.dim() else t.clone()
+        if t.is_floating_point():
+            t = t * 0.75
+        for d in sorted(resized.get(name, ())):
+            n = t.shape[d]
+            t = torch.cat([t, t.narrow(d, n - 1, 1)], d) if grow or n == 1 else t.narrow(d, 0, n - 1)
+        tensors.append(t.contiguous())
+    return inputs.rebuild(tensors)
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|diff| / max|ref| over eager's finite elements; inf where the non-finite elements differ."""
+    finite = torch.isfinite(ref)
+    if not torch.equal(finite, torch.isfinite(out)):
+        return float("inf")
+    if not finite.any():
+        return 0.0
+    ref, out = ref[finite].float(), out[finite].float()
+    return (out - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
+
+
+def _probe(model, fn: OpenVINOCallable, dtype, dynamic_dims, inputs: _Inputs, out_leaves, out_spec, note) -> None:
+    """Run eager and OpenVINO on a second input; refuse a trace that specialised on the example."""
+    reference, error = None, None
+    for grow in ((False, True) if dynamic_dims else (False,)):
+        p_args, p_kwargs = _probe_input(dynamic_dims, inputs, grow)
+        try:
+            with torch.no_grad():
+                reference = model(*p_args, **p_kwargs)
+            break
+        except Exception as exc:  # noqa: BLE001 - the model rejects this input; try the other size
+            error = exc
+    constants = [x for x in out_leaves if not isinstance(x, torch.Tensor)]
+    if reference is None:
+        if dynamic_dims or constants:
+            what = "dynamic dims" if dynamic_dims else f"that its Python outputs {constants!r} are constant"
+            raise OpenVINOBuildError(f"cannot check {what}: eager fails on a second input ({_why(error)})")
+        note(f"second-input check skipped: eager fails on altered values ({_why(error)})")
+        return
+    ref_leaves, ref_spec = pytree.tree_flatten(reference)
+    if ref_spec != out_spec:
+        raise OpenVINOBuildError("the model's output structure changes with the input; OpenVINO fixes it at trace time")
+    for ref, seen in zip(ref_leaves, out_leaves):
+        if not isinstance(seen, torch.Tensor) and (isinstance(ref, torch.Tensor) or ref != seen):
+            raise OpenVINOBuildError(f"the model returns a Python value that changes with the input ({seen!r} then "
+                                     f"{ref!r}); OpenVINO would return the traced one")
+    got = pytree.tree_leaves(fn(*p_args, **p_kwargs))
+    tolerance = _PROBE_TOLERANCE.get(dtype, 1e-1)
+    for i, (ref, out) in enumerate(zip([x for x in ref_leaves if isinstance(x, torch.Tensor)],
+                                       [x for x in got if isinstance(x, torch.Tensor)])):
+        if ref.shape != out.shape:
+            raise OpenVINOBuildError(f"output {i} has shape {tuple(out.shape)} from OpenVINO but {tuple(ref.shape)} "
+                                     "from eager on a second input: the trace fixed a shape")
+        if ref.is_floating_point() and ref.numel():
+            err = _relative_error(out, ref)
+            if not err <= tolerance:
+                raise OpenVINOBuildError(f"output {i} differs from eager on a second input (max|diff|/max|ref| "
+                                         f"{err:.2e} > {tolerance:g}): the trace specialised on the example input "
+                                         "(data- or shape-dependent Python control flow)")
+
+
+def build(model: torch.nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype, note: Callable[[str], None],
+          dynamic_dims: dict | None = None, cache_dir: str | None = None) -> Callable[..., Any]:
+    """Convert ``model`` for the call ``model(*args, **kwargs)`` and compile it for the CPU in ``dtype``.
+
+    The returned callable takes the same arguments and returns eager's output structure and dtypes.
+    ``dynamic_dims`` ({position or keyword name: [dims]}) leaves those dims dynamic; otherwise every shape
+    is static. Raises (first line says why) where a faithful graph cannot be built.
+    """
+    if dtype not in _PRECISION:
+        raise ValueError(f"OpenVINO backend takes dtype float32, bfloat16 or float16, not {dtype}")
+    if any(m.training for m in model.modules()):
+        raise OpenVINOBuildError("the model is in training mode; OpenVINO converts the eval-mode graph (call .eval())")
+    import openvino as ov
+
+    wanted = {"f16": "FP16", "bf16": "BF16"}.get(_PRECISION[dtype])
+    if wanted and wanted not in _core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        raise OpenVINOBuildError(f"OpenVINO's CPU plugin would not run {_PRECISION[dtype]} on this CPU "
+                                 f"(no {wanted} in its OPTIMIZATION_CAPABILITIES)")
+    inputs = _Inputs(tuple(args), dict(kwargs))
+    input_spec = _input_shapes(inputs, dynamic_dims)
+    with torch.no_grad():
+        reference = model(*args, **kwargs)
+    out_leaves, out_spec = pytree.tree_flatten(reference)
+    odd = sorted({type(x).__name__ for x in out_leaves if not isinstance(x, (torch.Tensor, *_CONSTANT_LEAVES))})
+    if odd:
+        raise OpenVINOBuildError(f"the model returns {', '.join(odd)} objects; OpenVINO returns tensors only")
+    n_tensors = sum(isinstance(x, torch.Tensor) for x in out_leaves)
+    if not n_tensors:
+        raise OpenVINOBuildError("the model returns no tensors")
+
+    start = time.perf_counter()
+    flat = _Flat(model, inputs)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        try:
+            ov_model = _convert(flat, inputs.example(), input_spec)
+        except Exception as exc:
+            raise OpenVINOBuildError(f"conversion failed: {_why(exc)}") from exc
+    converted = time.perf_counter()
+    if len(ov_model.outputs) != n_tensors:
+        raise OpenVINOBuildError(f"OpenVINO's graph has {len(ov_model.outputs)} outputs, eager returns {n_tensors} "
+                                 "tensors (an output the converter could not trace)")
+    for port, name in zip(ov_model.inputs, inputs.names):
+        port.get_tensor().set_names({name})
+    weight_bytes = sum(op.get_byte_size() for op in ov_model.get_ops() if op.get_type_name() == "Constant")
+
+    config = {"INFERENCE_PRECISION_HINT": _PRECISION[dtype], "PERFORMANCE_HINT": "LATENCY",
+              "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    if cache_dir:
+        config["CACHE_DIR"] = str(cache_dir)
+    try:
+        compiled = _core().compile_model(ov_model, "CPU", config)
+    except Exception as exc:
+        raise OpenVINOBuildError(f"compile failed: {_why(exc)}") from exc
+    actual = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+    if actual != _PRECISION[dtype]:
+        raise OpenVINOBuildError(f"OpenVINO's CPU plugin would run {actual}, not {_PRECISION[dtype]}, on this CPU "
+                                 "(no native support for that precision)")
+    compiled_at = time.perf_counter()
+    del ov_model, flat
+
+    fn = OpenVINOCallable(compiled, inputs, out_spec, out_leaves, weight_bytes)
+    _probe(model, fn, dtype, dynamic_dims, inputs, out_leaves, out_spec, note)
+    inputs.forget_example()
+    tracer = [str(w.message).splitlines()[0] for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    note(f"OpenVINO {ov.get_version().split('-')[0]}, precision {actual}, latency hint, "
+         f"{config['INFERENCE_NUM_THREADS']} threads")
+    note(f"OpenVINO convert {converted - start:.2f} s, compile {compiled_at - converted:.2f} s"
+         + (f" (cache dir {cache_dir})" if cache_dir else ""))
+    if dynamic_dims:
+        note("OpenVINO dynamic dims: " + ", ".join(f"{n} {list(s)}" for n, (s, _) in zip(inputs.names, input_spec)
+                                                   if -1 in s))
+    if tracer:
+        note(f"{len(tracer)} tracer warning(s), first: {tracer[0][:160]}")
+    return fn
+
+
+def describe_memory(compiled: Any) -> int | None:
+    """Bytes of weights the compiled model was built from (its Constants, at their stored precision)."""
+    return getattr(compiled, "weight_bytes", None)
+
+
+def register_bench_paths(register_path) -> None:
+    """``openvino_convert_{fp32,bf16}`` for ``cpuboost bench`` (the built-in ``openvino_bf16`` path is
+    torch.compile's "openvino" backend); listed only where openvino is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None:
+        return
+
+    def path(dtype: torch.dtype):
+        def run(model: torch.nn.Module, wl) -> Callable:
+            notes: list[str] = []
+            fn = build(model, tuple(wl.args), dict(wl.kwargs), dtype, notes.append)
+            fn.notes = notes
+            return fn
+        return run
+
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        register_path(f"openvino_convert_{name}", path(dtype), dtype=name, label=f"OpenVINO convert_model {name}",
+                      compiles=True,
+                      describe=lambda fn: "; ".join(getattr(fn, "notes", [])[:2]))
