@@ -10,11 +10,26 @@ from .core.registry import list_passes, register_pass
 from .passes import register_builtins as _register_builtins
 
 __all__ = sorted(
-    ["CpuBoostError", "cpu_amp", "cpu_optimized", "explain", "list_passes", "optimize", "register_pass", "unwrap"]
+    ["CpuBoostError", "cpu_amp", "cpu_optimized", "explain", "list_passes", "load", "optimize", "register_pass",
+     "save", "unwrap"]
 )
 __version__ = "0.1.0"
 
 _registry.add_builtin_loader(_register_builtins)
+
+
+def save(optimized, path):
+    """Write a self-contained package of the signatures ``optimized`` has built (see ``core.persist.save``)."""
+    from .core.persist import save as _save
+
+    return _save(optimized, path)
+
+
+def load(path, **kwargs):
+    """A package written by ``save``, as a model that answers without compiling (``core.persist.load``)."""
+    from .core.persist import load as _load
+
+    return _load(path, **kwargs)
 
 
 def __getattr__(name: str):

@@ -42,8 +42,8 @@ def test_public_api_is_sorted_and_complete():
     """__all__ holds exactly the documented names, sorted."""
     import cpuboost
 
-    expected = ["CpuBoostError", "cpu_amp", "cpu_optimized", "explain", "list_passes", "optimize",
-                "register_pass", "unwrap"]
+    expected = ["CpuBoostError", "cpu_amp", "cpu_optimized", "explain", "list_passes", "load", "optimize",
+                "register_pass", "save", "unwrap"]
     assert cpuboost.__all__ == sorted(expected)
     assert all(hasattr(cpuboost, name) for name in expected)
     assert os.environ.get("CPUBOOST_DISABLE") is None

@@ -88,7 +88,8 @@ model = cpuboost.optimize(net, dtype="fp32")
 x = torch.randn(4, 3)
 same = torch.equal(model(x), net(x))
 graph = cpuboost.explain(model).graphs[-1]
-print(json.dumps({"same": same, "path": graph.path, "fallbacks": graph.fallbacks}))
+fates = [(r.name.rsplit(" ", 1)[0], r.fate) for r in graph.rungs if r.fate != "served"]
+print(json.dumps({"same": same, "path": graph.path, "fallbacks": fates}))
 """
 
 # Under backend='auto' a working Inductor graph is kept when the IPEX built beside it fails to import.
@@ -99,7 +100,9 @@ model = cpuboost.optimize(net, dtype="fp32")
 x = torch.randn(4, 3)
 close = torch.allclose(model(x), net(x), atol=1e-6)
 graph = cpuboost.explain(model).graphs[-1]
-print(json.dumps({"close": close, "path": graph.path, "fallbacks": graph.fallbacks, "timings": graph.timings}))
+fates = [(r.name.rsplit(" ", 1)[0], r.fate) for r in graph.rungs if r.fate != "served"]
+inductor = next(r for r in graph.rungs if r.name == "inductor fp32")
+print(json.dumps({"close": close, "path": graph.path, "fallbacks": fates, "inductor": [inductor.fate, inductor.error]}))
 """
 
 
@@ -117,6 +120,7 @@ def _fake_ipex(root, version: str, init: str):
 def _run(site, code: str = PROBE, **env_extra: str) -> tuple[dict, subprocess.CompletedProcess]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]), **env_extra}
     env = {k: v for k, v in env.items() if not k.startswith("CPUBOOST_")}
+    env["CPUBOOST_CACHE_DIR"] = "off"  # every probe decides afresh and never writes the user's cache
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc
@@ -159,9 +163,9 @@ def test_auto_build_reaching_a_broken_ipex_falls_back(tmp_path):
     """Under backend='auto', a build that reaches a broken IPEX records the import failure and runs eager."""
     site = _fake_ipex(tmp_path, f"{TORCH_MM}.0", IPEX_LIKE_FAILURE)
     out, proc = _run(site, FALLBACK_PROBE)
-    assert out["same"] and out["path"] == "eager+passes"
+    assert out["same"] and out["path"] in ("eager+passes", "eager (original)", "openvino")
     failed = dict(out["fallbacks"])
-    assert failed["inductor"].startswith("build failed: RuntimeError")
+    assert failed["inductor"].startswith("failed: RuntimeError: Inductor unavailable")
     assert "IpexUnavailableError" in failed["ipex"] and "import failed: AttributeError" in failed["ipex"]
     assert "ERROR!" not in _printed(proc)
 
@@ -171,9 +175,11 @@ def test_auto_keeps_inductor_when_the_ipex_beside_it_is_broken(tmp_path):
     """backend='auto' builds IPEX beside Inductor; a broken IPEX is a recorded failure, Inductor still serves."""
     site = _fake_ipex(tmp_path, f"{TORCH_MM}.0", IPEX_LIKE_FAILURE)
     out, proc = _run(site, RACE_PROBE)
-    assert out["close"] and out["path"] == "inductor" and out["timings"] == []
+    assert out["close"]
+    fate, error = out["inductor"]
+    assert error.startswith("ok") and not fate.startswith(("failed", "rejected")), out  # it may lose the race
     failed = dict(out["fallbacks"])
-    assert list(failed) == ["ipex"] and "import failed: AttributeError" in failed["ipex"]
+    assert "import failed: AttributeError" in failed["ipex"] and "IpexUnavailableError" in failed["ipex"]
     assert "ERROR!" not in _printed(proc)
 
 

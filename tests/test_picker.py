@@ -58,7 +58,7 @@ def test_inaccurate_low_precision_falls_back_to_fast_fp32(graph_pass):
 
     def wrong_bf16(model, args, kwargs, ctx):
         with torch.no_grad():
-            answer = model(*args, **kwargs) * 1.5
+            answer = net(*args, **kwargs) * 1.5
         return lambda *a, **k: answer
 
     def right_fp32(model, args, kwargs, ctx):
@@ -68,7 +68,8 @@ def test_inaccurate_low_precision_falls_back_to_fast_fp32(graph_pass):
 
     graph_pass(wrong_bf16, "test_wrong_bf16", dtypes=(torch.bfloat16,))
     graph_pass(right_fp32, "test_right_fp32", dtypes=(torch.float32,))
-    model = cpuboost.optimize(net, dtype="bf16", fusion=False)
+    # tolerance=1e-5: eager-with-passes in bf16 is as close as bf16 gets, which is not this close
+    model = cpuboost.optimize(net, dtype="bf16", fusion=False, tolerance=1e-5)
     x = torch.randn(3, 8)
     torch.testing.assert_close(model(x), _eager(net, x))
     graph = cpuboost.explain(model).graphs[-1]

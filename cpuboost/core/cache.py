@@ -25,6 +25,7 @@ class GraphEntry:
     template: Any  # eager's output dtypes, to answer in the dtype eager would
     record: GraphRecord
     no_grad: bool = True
+    example: Optional[tuple] = None  # (args, kwargs) of the first call: what cpuboost.save() compiles for
 
     def __call__(self, args: tuple, kwargs: dict) -> Any:
         if self.no_grad:

@@ -52,7 +52,8 @@ def _first_line(exc: BaseException) -> str:
 
 def climb(stages: list[list[Rung]], args: tuple, kwargs: dict, *, reference: Any,
           yardstick: Callable[[torch.dtype], Any], eager: Callable[..., Any], tolerance: Optional[float],
-          budget: float, verify_outputs: bool, signature: str) -> tuple[Optional[Winner], list[RungRecord]]:
+          budget: float, verify_outputs: bool, signature: str,
+          decided: Optional[str] = None) -> tuple[Optional[Winner], list[RungRecord]]:
     """Try the rungs in order; return the winner (None: eager serves) and a record of every rung."""
     records: list[RungRecord] = []
     best: Optional[Winner] = None
@@ -66,7 +67,9 @@ def climb(stages: list[list[Rung]], args: tuple, kwargs: dict, *, reference: Any
                 continue
             for rung in stage:
                 if best is not None and time.perf_counter() - started > budget:
-                    records.append(RungRecord(rung.name, f"not tried: tune_budget={budget:g} s spent"))
+                    why = (f"{decided} was decided by an earlier build (this process or the persistent cache)"
+                           if decided and best.rung.name == decided else f"tune_budget={budget:g} s spent")
+                    records.append(RungRecord(rung.name, f"not tried: {why}"))
                     bar.end(rung.name, "skipped (budget)")
                     continue
                 bar.start(rung.name, signature)

@@ -60,7 +60,7 @@ class OptimizedModule(ModelProxy):
         options, plan = self._options, self._plan
         self.__dict__.update(
             _work=None, _eval_view=None, _watch=None, _lock=threading.RLock(),
-            _cache=SignatureCache(options.cache_size), _winners={}, _warned=set(), _generation=None,
+            _cache=SignatureCache(options.cache_size), _winners={}, _warned=set(), _generation=None, _warm=None,
             _report=Report(
                 model=type(self._original).__name__, mode=plan.mode, options=options.describe(),
                 passes=[PassRecord(p.name, "planned", detail=p.doc) for p in plan.module_passes + plan.graph_passes]
@@ -95,6 +95,8 @@ class OptimizedModule(ModelProxy):
                 self._report.note(f"graphs dropped: {why}")
             self._cache.clear()
             self.__dict__.update(_work=None, _eval_view=None, _watch=None, _generation=None)
+            if self._warm is not None:
+                self._warm.forget_weights()
 
     def _check_fresh(self) -> None:
         watch = self._watch
@@ -176,11 +178,15 @@ class OptimizedModule(ModelProxy):
                 return out
         dims = self._dynamic_dims(family, shapes, args, kwargs)
         prefer = family.winner if family is not None else self._winners.get(family_key)
-        stages = self._rungs(args, kwargs, dims, prefer)
+        found = self._persistent(args, kwargs) if not dims else None
+        if found is not None and found.decision is not None and prefer is None:
+            prefer = found.decision.get("rung")  # decided by an earlier process: no race, that rung only
+            self._report.note(f"[{sig}]: decision from the persistent cache ({prefer})")
+        stages = self._rungs(args, kwargs, dims, prefer, found.artifact_dir if found is not None else None)
         winner, rungs = ladder.climb(
             stages, args, kwargs, reference=reference, yardstick=yardstick, eager=self._eager_original,
             tolerance=options.tolerance, budget=0.0 if prefer else options.tune_budget,
-            verify_outputs=options.verify, signature=sig)
+            verify_outputs=options.verify, signature=sig, decided=prefer)
         record = GraphRecord(sig, "eager (original)", 0.0, "is the reference", rungs=rungs,
                              dynamic=", ".join(f"{w}:{d}" for w, d in dims.items()) if dims else "")
         if winner is None:
@@ -201,6 +207,9 @@ class OptimizedModule(ModelProxy):
                 self._mark_pass(rung.name.rsplit(" ", 1)[0], "failed" if rung.fate.startswith(("failed", "rej"))
                                 else "skipped", rung.build_seconds, f"[{sig}] {rung.line()}")
         record.build_seconds = time.perf_counter() - started
+        entry.example = (args, kwargs) if not dims else None
+        if found is not None:
+            self._warm.remember(found, winner.rung.name if winner is not None else None)
         self._report.add_graph(record)
         self._remember(family, family_key, shapes, key, entry, dims, winner)
         log.info("cpuboost: [%s] served by %s %s after %.1f s", sig, record.path, record.dtype, record.build_seconds)
@@ -263,7 +272,31 @@ class OptimizedModule(ModelProxy):
                 f" (shapes={self._options.shapes!r}); each costs a compile. Pass shapes='auto' (the default) or "
                 "dynamic_dims={'input_name': [dim]} so one dynamic graph serves every size.", stacklevel=4)
 
-    def _rungs(self, args: tuple, kwargs: dict, dims: dict, prefer: Optional[str]) -> list[list[ladder.Rung]]:
+    def _persistent(self, args: tuple, kwargs: dict):
+        """This signature's entry in the persistent cache (None when the cache is off)."""
+        from .persist import WarmStart
+
+        if self._warm is None:
+            self.__dict__["_warm"] = WarmStart(self._options)
+        if not self._warm.enabled:
+            return None
+        try:
+            return self._warm.lookup(self._original, args, kwargs)
+        except Exception as exc:  # the cache is an optimisation: never a reason to fail a call
+            self._report.note(f"persistent cache skipped: {type(exc).__name__}: {exc}")
+            return None
+
+    def _examples(self) -> list:
+        """(entry, (args, kwargs)) for each static signature built, oldest first: what save() packages."""
+        seen, found = set(), []
+        for entry in list(self._cache.entries.values()):
+            if entry.example is not None and id(entry) not in seen:
+                seen.add(id(entry))
+                found.append((entry, entry.example))
+        return found
+
+    def _rungs(self, args: tuple, kwargs: dict, dims: dict, prefer: Optional[str],
+               artifact_dir=None) -> list[list[ladder.Rung]]:
         options, plan = self._options, self._plan
         work = self._working_copy(args, kwargs)
         low_precision_work = any(p.dtype in (torch.bfloat16, torch.float16) for p in work.parameters())
@@ -279,7 +312,8 @@ class OptimizedModule(ModelProxy):
                     continue
                 opts = dataclasses.replace(options, dtype=dtype,
                                            calibration=options.calibration if dtype == torch.int8 else None)
-                ctx = PassContext(opts, self._hardware, plan.mode, None, args, kwargs, dynamic_dims=dims or None)
+                ctx = PassContext(opts, self._hardware, plan.mode, None, args, kwargs, dynamic_dims=dims or None,
+                                  artifact_dir=artifact_dir if dtype == options.dtype else None)
                 stage.append(ladder.Rung(f"{spec.name} {dtype_name(dtype)}", spec.name, dtype,
                                          lambda spec=spec, ctx=ctx: spec.fn(work, args, kwargs, ctx), ctx.notes))
             if dtype in (torch.bfloat16, torch.float16) or (

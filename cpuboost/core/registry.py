@@ -50,6 +50,7 @@ class PassContext:
     example_kwargs: dict = dataclasses.field(default_factory=dict)
     notes: list = dataclasses.field(default_factory=list)
     dynamic_dims: Optional[dict] = None  # graph passes: {input position or name: [dims]} to build dynamic in
+    artifact_dir: Optional[Any] = None  # graph passes: a persistent folder for this signature's artifacts
 
     def note(self, text: str) -> None:
         """Add a detail to this pass's line in the report (what it changed, how many)."""

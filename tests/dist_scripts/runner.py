@@ -24,7 +24,7 @@ def free_port() -> int:
 def rank_env() -> dict[str, str]:
     """The parent's environment without CPUBOOST_* overrides, one thread per rank (the machine has 2 cores)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CPUBOOST_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CPUBOOST_CACHE_DIR="off")
     return env
 
 

@@ -1,0 +1,108 @@
+"""Warm start and deployment, wired into the runtime: what the ladder decided per signature is stored as
+JSON (``store.DecisionStore``), and Inductor's winning graph as an AOTInductor package keyed by the weights'
+content, so a restarted process loads the graph, verifies it once and answers without compiling or racing.
+``save``/``load`` write and read a self-contained package of the signatures built (``package``)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..options import Options, dtype_name
+from . import package, store
+
+log = logging.getLogger("cpuboost")
+
+
+def _options_key(options: Options) -> dict:
+    return {"dtype": dtype_name(options.dtype), "backend": options.backend, "fusion": options.fusion,
+            "tolerance": options.tolerance, "shapes": options.shapes, "verify": options.verify}
+
+
+@dataclasses.dataclass
+class Lookup:
+    """One signature's persistent entry: the stored decision (if any) and where its artifacts live."""
+
+    decision: Optional[dict]
+    decision_key: dict
+    artifact_dir: Optional[Path]
+
+
+class WarmStart:
+    """The persistent side of one optimized model; disabled (``enabled`` False) with CPUBOOST_CACHE_DIR=off."""
+
+    def __init__(self, options: Options) -> None:
+        self.store = store.DecisionStore.from_option(options.cache_dir)
+        self.options = options
+        self._weights: Optional[str] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.store.enabled
+
+    def forget_weights(self) -> None:
+        """The weights changed: their digest is computed again for the next artifact key."""
+        self._weights = None
+
+    def lookup(self, original: nn.Module, args: tuple, kwargs: dict) -> Lookup:
+        key = store.make_key(original, args, kwargs, _options_key(self.options), weights=False,
+                             backends=("openvino",))
+        if self._weights is None:
+            self._weights = store.weights_digest(original)
+        artifact = self.store.artifact_dir({**key, "weights": self._weights}) if self.store.writable else None
+        return Lookup(self.store.get(key), key, artifact)
+
+    def remember(self, found: Lookup, rung: Optional[str]) -> None:
+        self.store.put(found.decision_key, {"rung": rung or "eager"})
+
+
+def inductor_artifact(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype, folder: Path,
+                      note) -> Any:
+    """The Inductor rung through AOTInductor, persisted in ``folder``: loaded when a graph is already there
+    (no compile), else exported and compiled into it. Raises when export fails (the caller compiles instead)."""
+    pt2 = folder / "graph.pt2"
+    if pt2.exists():
+        try:
+            graph = package.load_graph(pt2)
+            note("loaded from the persistent cache (AOTInductor package, no compile)")
+            return graph
+        except (package.PackageFormatError, package.PackageMismatchError, OSError) as exc:
+            note(f"cached graph unusable ({exc}); compiled again")
+    graph, _ = package.compile_aoti(model, args, kwargs, dtype, workdir=folder)
+    note("AOTInductor package (export + freezing), kept in the persistent cache")
+    return graph
+
+
+def save(optimized: Any, path: str | Path) -> Path:
+    """A self-contained package of the signatures ``optimized`` has built: one AOTInductor graph each, plus a
+    JSON manifest (signatures, dtype, versions, the CPU features it needs). Graphs built through the
+    persistent cache are copied, the others compiled now from the recorded example inputs."""
+    if not callable(getattr(optimized, "_examples", None)):  # an OptimizedModule (inference)
+        from ..errors import UnsupportedTargetError
+
+        msg = (f"cpuboost.save() takes a model returned by cpuboost.optimize() (inference), got "
+               f"{type(optimized).__name__}; optimize it and call it once per input shape to serve, then save")
+        raise UnsupportedTargetError(msg)
+    examples = optimized._examples()
+    if not examples:
+        from ..errors import CpuBoostError
+
+        raise CpuBoostError("nothing to save yet: call the optimized model once per input signature it should "
+                            "serve (each call builds and verifies that signature), then cpuboost.save() it")
+    dtype = optimized._options.dtype if optimized._options.dtype != torch.int8 else torch.float32
+    extra = {"model": type(optimized._original).__name__, "options": optimized._options.describe()}
+    built = [entry.fn.path for entry, _ in examples if isinstance(entry.fn, package.PackagedGraph)]
+    if len(built) == len(examples):
+        return package.pack_graphs(built, path, extra)
+    work = optimized._working_copy(*examples[0][1])
+    return package.save_package(work, [example for _, example in examples], dtype, path, extra)
+
+
+def load(path: str | Path, **kwargs: Any) -> nn.Module:
+    """A saved package as a callable model: answers without compiling; refuses (PackageMismatchError, with
+    what differs and what to do) a package built for another CPU, torch or cpuboost version."""
+    return package.load_package(path, **kwargs)
