@@ -28,7 +28,7 @@ EXAMPLES = """examples:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpuboost", description="Make PyTorch models fast on CPUs.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{env,bench,launch}")
+    sub = parser.add_subparsers(dest="command", metavar="{env,bench,cache,launch}")
     sub.required = True
 
     env = sub.add_parser("env", help="CPU features, installed backends and why any is unusable, recommended dtype")
@@ -59,6 +59,15 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
     bench.add_argument("-v", "--verbose", action="store_true", help="debug messages on stderr")
     bench.set_defaults(usage_parser=bench)  # so errors found after parsing print this subcommand's usage
+
+    cache = sub.add_parser("cache", help="the persistent cache of decisions and compiled graphs: info | clear",
+                           description="Where cpuboost keeps what it decided and compiled per model and input "
+                                       "signature (CPUBOOST_CACHE_DIR, default ~/.cache/cpuboost; 'off' disables).")
+    cache.add_argument("action", choices=("info", "clear"), help="info: where, how many entries, how big; "
+                                                                 "clear: remove every entry")
+    cache.add_argument("--dir", default=None, help="the cache folder (default: CPUBOOST_CACHE_DIR or "
+                                                   "~/.cache/cpuboost)")
+    cache.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     sub.add_parser("launch", add_help=False, help="run a script with tuned CPU threads/affinity "
                                                   "(see: cpuboost launch --help)")
@@ -99,6 +108,27 @@ def _env(args: argparse.Namespace) -> int:
 
     info = envinfo.collect()
     print(json.dumps(info, indent=2) if args.json else envinfo.format_text(info))
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from .core.store import DecisionStore
+
+    store = DecisionStore.from_option(args.dir)
+    if args.action == "clear":
+        before = store.info()
+        store.clear()
+        print(f"cleared {before.get('entries', 0)} entries from {before.get('root')}" if store.enabled
+              else "the cache is off (CPUBOOST_CACHE_DIR=off): nothing to clear")
+        return 0
+    info = store.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    elif not info["enabled"]:
+        print("cpuboost cache: off (CPUBOOST_CACHE_DIR=off)")
+    else:
+        print(f"cpuboost cache: {info['root']}\n- entries: {info['entries']}\n- size: {info['bytes'] / 2**20:.1f} MiB "
+              f"of {info['max_bytes'] / 2**30:.1f} GiB\n- writable: {info['writable']}")
     return 0
 
 
@@ -179,6 +209,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
         if args.command == "env":
             return _env(args)
+        if args.command == "cache":
+            return _cache(args)
         return _bench(args)
     except SystemExit as exc:  # argparse's usage errors (2) and --help (0)
         return exc.code if isinstance(exc.code, int) else 1

@@ -189,3 +189,17 @@ def test_bench_with_one_compiled_path(capsys, factory_file):
     row = next(line for line in out.splitlines() if line.startswith("cpuboost fp32"))
     assert "ran " in row and "x" in row
     assert "eager autocast bf16" not in out  # --dtype fp32 keeps only fp32 paths (plus the baseline)
+
+
+def test_cache_info_and_clear(tmp_path, capsys):
+    """`cpuboost cache info|clear` reports the persistent cache and empties it."""
+    from cpuboost.core.store import DecisionStore
+
+    store = DecisionStore(tmp_path)
+    store.put({"model": "m", "signature": [1]}, {"rung": "eager"})
+    assert main(["cache", "info", "--dir", str(tmp_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["entries"] == 1 and info["root"] == str(tmp_path)
+    assert main(["cache", "clear", "--dir", str(tmp_path)]) == 0
+    assert "cleared 1 entries" in capsys.readouterr().out
+    assert DecisionStore(tmp_path).info()["entries"] == 0
