@@ -13,29 +13,27 @@ ignored with a warning and removed so it is rebuilt. Writes go to a temporary fi
 are published with ``os.replace``, so readers see a whole entry or none, and two processes writing one key
 at once leave one of their two (equal) entries. A folder that cannot be written is used read-only (entries
 already there still serve) after one warning. The size bound evicts least recently used keys (mtime,
-touched on every hit) with their artifacts.
+touched on every hit) with their artifacts. The key itself (what a build depends on) is made in ``keys``;
+``store`` re-exports its names.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import math
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
 import warnings
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
-import torch
-from torch import nn
+# the keys live in keys.py; re-exported because callers use store.make_key, store.weights_digest...
+from .keys import (CODEGEN_FLAGS, _jsonable, canonical, key_hash, machine_fingerprint,  # noqa: F401
+                   make_key, model_fingerprint, signature_json, weights_digest)
 
 log = logging.getLogger("cpuboost")
 
@@ -43,10 +41,6 @@ FORMAT = 1
 ENV = "CPUBOOST_CACHE_DIR"
 OFF = ("off", "0", "false", "no", "none", "disabled")
 DEFAULT_MAX_BYTES = 4 << 30  # AOTInductor packages carry their weights: ResNet-50 bf16 is 50 MB, BERT-base 270 MB
-# CPU flags that change what Inductor / oneDNN / OpenVINO generate (an artifact built with one may crash without it)
-CODEGEN_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd",
-                 "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
-                 "amx_fp16", "asimd", "sve", "sve2", "bf16", "i8mm")
 
 
 class CacheWarning(UserWarning):
@@ -64,196 +58,6 @@ def default_root(option: Union[str, os.PathLike, None] = None) -> Optional[Path]
         return Path(value).expanduser()
     base = os.environ.get("XDG_CACHE_HOME", "").strip()
     return (Path(base) if base else Path.home() / ".cache") / "cpuboost"
-
-
-# -- keys ---------------------------------------------------------------------------------------------------
-def _jsonable(value: Any) -> Any:
-    """Plain JSON for a key: dtypes, devices, tuples, sets and paths become strings or lists."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (set, frozenset)):
-        return sorted(_jsonable(v) for v in value)
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)
-    return str(value)
-
-
-def canonical(key: dict) -> str:
-    return json.dumps(_jsonable(key), sort_keys=True, separators=(",", ":"))
-
-
-def key_hash(key: dict) -> str:
-    return hashlib.blake2b(canonical(key).encode(), digest_size=16).hexdigest()
-
-
-def _code_digest(code: Any, h: Any, depth: int = 0) -> None:
-    h.update(code.co_code)
-    h.update(repr(code.co_names).encode())
-    for const in code.co_consts:
-        if hasattr(const, "co_code") and depth < 8:
-            _code_digest(const, h, depth + 1)
-        elif isinstance(const, (str, bytes, int, float, bool, type(None), tuple, frozenset)):
-            h.update(repr(const).encode())
-
-
-def _attr_digest(module: nn.Module, memo: dict) -> str:
-    """Plain attributes that steer forward (eps, flags, HF configs); hooks counted, tensors and modules not."""
-    parts = []
-    for name, value in sorted(vars(module).items()):
-        if name in ("_parameters", "_buffers", "_modules", "training") or isinstance(value, (nn.Module, torch.Tensor)):
-            continue
-        if name.endswith("hooks") and isinstance(value, dict):
-            if value:
-                parts.append(f"{name}:{len(value)}")
-            continue
-        if isinstance(value, (bool, int, float, str, type(None), torch.dtype)) or (
-                isinstance(value, tuple) and all(isinstance(v, (bool, int, float, str, type(None))) for v in value)):
-            parts.append(f"{name}={value!r}")
-        elif hasattr(value, "to_dict") and callable(value.to_dict):  # transformers' configs, shared by many
-            text = memo.get(id(value))
-            if text is None:
-                try:
-                    text = hashlib.blake2b(json.dumps(value.to_dict(), sort_keys=True, default=str).encode(),
-                                           digest_size=8).hexdigest()
-                except Exception:  # an odd config: its type still counts
-                    text = type(value).__qualname__
-                memo[id(value)] = text
-            parts.append(f"{name}={text}")
-    return ";".join(parts)
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """Structure: every submodule's name, class, forward code, extra_repr and plain attributes; every
-    parameter and buffer's name, shape, stride and dtype. Not the weights' values (see ``weights_digest``)."""
-    h = hashlib.blake2b(digest_size=16)
-    seen_code: set[int] = set()
-    memo: dict[int, str] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        cls = type(module)
-        h.update(f"M|{name}|{cls.__module__}.{cls.__qualname__}|{module.extra_repr()}|{_attr_digest(module, memo)}".encode())
-        forward = getattr(cls, "forward", None)
-        code = getattr(forward, "__code__", None)
-        if code is not None and id(code) not in seen_code:
-            seen_code.add(id(code))
-            _code_digest(code, h)
-    for kind, items in (("P", model.named_parameters(remove_duplicate=False)),
-                        ("B", model.named_buffers(remove_duplicate=False))):
-        for name, t in items:
-            h.update(f"{kind}|{name}|{tuple(t.shape)}|{t.stride()}|{t.dtype}|{t.device.type}".encode())
-    return h.hexdigest()
-
-
-def _tensor_bytes(t: torch.Tensor):
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if t.is_sparse or t.layout != torch.strided or t.is_quantized:
-        t = t.to_dense() if t.layout != torch.strided else t.dequantize()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    if t.numel() == 0:
-        return b""
-    return t.reshape(-1).view(torch.uint8).numpy()  # bytes, whatever the dtype (bf16 has no numpy twin)
-
-
-def weights_digest(model: nn.Module, threads: int = 0) -> str:
-    """Content hash of every parameter and buffer (names, shapes, dtypes and bytes).
-
-    sha256 per tensor (SHA extensions where the CPU has them; 2x faster than blake2b on this EPYC), spread
-    over a few threads (hashlib drops the GIL on large buffers): 0.1 s for ResNet-50 (100 MB fp32), 0.4 s
-    for BERT-base (440 MB) on 2 busy cores. Run once per build or warm start, never per call.
-    """
-    named = [(f"P|{n}", t) for n, t in model.named_parameters(remove_duplicate=False)]
-    named += [(f"B|{n}", t) for n, t in model.named_buffers(remove_duplicate=False)]
-    workers = threads or min(4, os.cpu_count() or 1)
-
-    def one(item):
-        name, t = item
-        h = hashlib.sha256(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
-        h.update(_tensor_bytes(t))
-        return h.digest()
-
-    big = sum(t.numel() for _, t in named) > (1 << 20)
-    if workers > 1 and big:
-        with ThreadPoolExecutor(workers) as pool:
-            digests = list(pool.map(one, named))
-    else:
-        digests = [one(item) for item in named]
-    return hashlib.sha256(b"".join(digests)).hexdigest()[:32]
-
-
-def _cpu_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    present = set(value.split())
-                    return [f for f in CODEGEN_FLAGS if f in present]
-    except OSError:
-        pass
-    return []
-
-
-def _version(dist: str) -> Optional[str]:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def machine_fingerprint(backends: tuple[str, ...] = ()) -> dict:
-    """What a compiled artifact depends on besides the model: CPU codegen flags, torch's CPU capability,
-    the architecture, Python and library versions. ``backends``: extra distributions to version
-    (e.g. ``("openvino",)``), read from metadata without importing them."""
-    from .. import __version__ as cpuboost_version
-
-    info = {
-        "arch": os.uname().machine if hasattr(os, "uname") else sys.platform,
-        "cpu_flags": _cpu_flags(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-        "cpuboost": cpuboost_version,
-        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
-    }
-    for dist in backends:
-        info[dist] = _version(dist)
-    return info
-
-
-def signature_json(args: tuple, kwargs: dict) -> list:
-    """The input signature as JSON: tensors by shape, stride and dtype; Python values by value."""
-    def one(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return {"shape": list(value.shape), "stride": list(value.stride()), "dtype": str(value.dtype),
-                    "device": value.device.type, "grad": value.requires_grad}
-        if isinstance(value, (list, tuple)):
-            return {type(value).__name__: [one(v) for v in value]}
-        if isinstance(value, dict):
-            return {"dict": [[str(k), one(v)] for k, v in value.items()]}
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return {type(value).__name__: value}
-        return {"object": f"{type(value).__module__}.{type(value).__qualname__}"}
-
-    autocast = [torch.is_autocast_enabled("cpu"), str(torch.get_autocast_dtype("cpu"))]
-    return [one(tuple(args)), one(dict(kwargs)), {"autocast": autocast}]
-
-
-def make_key(model: nn.Module, args: tuple, kwargs: dict, options: dict, *, weights: bool = True,
-             backends: tuple[str, ...] = ()) -> dict:
-    """The full key of one build: structure, weights (when an artifact bakes them), signature, machine,
-    the options that steer the plan (dtype, backend, fusion, tolerance...)."""
-    key = {"model": model_fingerprint(model), "signature": signature_json(args, kwargs),
-           "machine": machine_fingerprint(backends), "options": _jsonable(options)}
-    if weights:
-        key["weights"] = weights_digest(model)
-    return key
 
 
 # -- the store ----------------------------------------------------------------------------------------------

@@ -1,0 +1,28 @@
+"""The package errors, in a module of their own so that every package module (tree specs, AOTInductor
+graphs, package folders) can raise them without importing another; ``package`` re-exports them."""
+from __future__ import annotations
+
+from typing import Optional
+
+from ..errors import CpuBoostError
+
+
+class PackageMismatchError(CpuBoostError, RuntimeError):
+    """A package built for another machine or library version; ``differences`` maps what to (needed, here)."""
+
+    def __init__(self, message: str, differences: Optional[dict] = None) -> None:
+        super().__init__(message)
+        self.differences = differences or {}
+
+
+class PackageFormatError(CpuBoostError, ValueError):
+    """Not a cpuboost package, a damaged one, or a model whose inputs/outputs cannot be packaged."""
+
+
+class PackageSignatureError(CpuBoostError, ValueError):
+    """A call whose input signature (shapes, dtypes, structure) was not built into the package."""
+
+
+class PackageVerificationError(CpuBoostError, RuntimeError):
+    """The compiled graph did not match eager fp32 within the dtype's tolerance; nothing was written."""
+
