@@ -382,30 +382,3 @@ def build(model: torch.nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype,
     if tracer:
         note(f"{len(tracer)} tracer warning(s), first: {tracer[0][:160]}")
     return fn
-
-
-def describe_memory(compiled: Any) -> int | None:
-    """Bytes of weights the compiled model was built from (its Constants, at their stored precision)."""
-    return getattr(compiled, "weight_bytes", None)
-
-
-def register_bench_paths(register_path) -> None:
-    """``openvino_convert_{fp32,bf16}`` for ``cpuboost bench`` (the built-in ``openvino_bf16`` path is
-    torch.compile's "openvino" backend); listed only where openvino is installed."""
-    import importlib.util
-
-    if importlib.util.find_spec("openvino") is None:
-        return
-
-    def path(dtype: torch.dtype):
-        def run(model: torch.nn.Module, wl) -> Callable:
-            notes: list[str] = []
-            fn = build(model, tuple(wl.args), dict(wl.kwargs), dtype, notes.append)
-            fn.notes = notes
-            return fn
-        return run
-
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        register_path(f"openvino_convert_{name}", path(dtype), dtype=name, label=f"OpenVINO convert_model {name}",
-                      compiles=True,
-                      describe=lambda fn: "; ".join(getattr(fn, "notes", [])[:2]))

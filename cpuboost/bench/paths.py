@@ -41,7 +41,7 @@ class BenchPath:
 
 
 _PATHS: dict[str, BenchPath] = {}
-_PLUGIN_MODULES = ("cpuboost.backends.ipex", "cpuboost.backends.openvino")
+_PLUGIN_MODULES = ("cpuboost.backends.ipex",)
 _plugins_loaded = False
 
 
@@ -162,6 +162,18 @@ def _openvino(model: nn.Module, wl: Workload) -> Callable:
     return compiled
 
 
+def _openvino_convert(dtype: torch.dtype) -> Build:
+    """cpuboost's own OpenVINO backend (convert_model + compile_model), as its ladder builds it."""
+    def run(model: nn.Module, wl: Workload) -> Callable:
+        from ..backends import openvino
+
+        notes: list[str] = []
+        fn = openvino.build(model, tuple(wl.args), dict(wl.kwargs), dtype, notes.append)
+        fn.notes = notes
+        return fn
+    return run
+
+
 def _register_builtins() -> None:
     register_path("eager_fp32", _eager, dtype="fp32", label="eager fp32")
     register_path("eager_bf16", _eager_autocast, dtype="bf16", label="eager autocast bf16")
@@ -174,6 +186,10 @@ def _register_builtins() -> None:
                       label=f"cpuboost {dtype}", describe=_cpuboost_describe)
         register_path(f"cpuboost_{dtype}_nofusion", _cpuboost(dtype, False), dtype=dtype,
                       label=f"cpuboost {dtype} fusion=False", describe=_cpuboost_describe)
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        register_path(f"openvino_convert_{name}", _openvino_convert(dtype), dtype=name, compiles=True,
+                      available=_openvino_available, label=f"OpenVINO convert_model {name}",
+                      describe=lambda fn: "; ".join(getattr(fn, "notes", [])[:2]))
     register_path("openvino_bf16", _openvino, dtype="bf16", compiles=True, available=_openvino_available,
                   label="OpenVINO bf16 (torch.compile)")
 
@@ -191,7 +207,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
 GROUPS["default"] = GROUPS["issue2"] + ("peers",)
 GROUPS["all"] = ("eager_fp32", "eager_bf16", "cpuboost_fp32", "cpuboost_bf16", "cpuboost_fp32_nofusion",
                  "cpuboost_bf16_nofusion", "compile_fp32", "compile_bf16", "peers")
-_BUILTIN_NAMES = set(_PATHS) - {"openvino_bf16"}  # paths of optional backends are "peers", ours are not
+_BUILTIN_NAMES = set(_PATHS) - {"openvino_bf16", "openvino_convert_fp32", "openvino_convert_bf16"}  # peers
 
 
 def resolve_paths(spec: str | Sequence[str] | None = "default", dtype: str = "all") -> list[BenchPath]:
