@@ -15,17 +15,12 @@ settings.register_profile("quick", parent=settings.get_profile("default"), max_e
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
-@pytest.fixture(scope="session")
-def _session_cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cpuboost-cache"))
-
-
 @pytest.fixture(autouse=True)
-def _clean_cpuboost_env(monkeypatch, _session_cache_dir):
-    """Tests start without CPUBOOST_* overrides, whatever the shell has set, and never write the user's cache:
-    the persistent cache lives in a directory of this test session."""
+def _clean_cpuboost_env(monkeypatch):
+    """Tests start without CPUBOOST_* overrides, whatever the shell has set, and with the persistent cache
+    off: each test decides afresh and none writes the user's cache (warm-start tests pass cache_dir=)."""
     for var in list(os.environ):
         if var.startswith("CPUBOOST_"):
             monkeypatch.delenv(var)
-    monkeypatch.setenv("CPUBOOST_CACHE_DIR", _session_cache_dir)
+    monkeypatch.setenv("CPUBOOST_CACHE_DIR", "off")
     torch.manual_seed(0)

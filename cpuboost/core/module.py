@@ -277,7 +277,7 @@ class OptimizedModule(ModelProxy):
         from .persist import WarmStart
 
         if self._warm is None:
-            self.__dict__["_warm"] = WarmStart(self._options)
+            self.__dict__["_warm"] = WarmStart(self._options, self._plan.names)
         if not self._warm.enabled:
             return None
         try:
@@ -300,26 +300,27 @@ class OptimizedModule(ModelProxy):
         options, plan = self._options, self._plan
         work = self._working_copy(args, kwargs)
         low_precision_work = any(p.dtype in (torch.bfloat16, torch.float16) for p in work.parameters())
-        dtypes = [options.dtype]
-        if options.dtype == torch.int8 and self._hardware.native(torch.bfloat16):
-            dtypes.append(torch.bfloat16)
-        dtypes += [torch.float32] if options.dtype != torch.float32 else []
+        # int8 races the bf16 candidates in one stage (it must beat them, not only eager); fp32 comes after
+        first = [options.dtype] + ([torch.bfloat16] if options.dtype == torch.int8
+                                   and self._hardware.native(torch.bfloat16) else [])
+        stage_dtypes = [first] + ([[torch.float32]] if options.dtype != torch.float32 else [])
         stages: list[list[ladder.Rung]] = []
-        for dtype in dtypes:
+        for dtypes in stage_dtypes:
             stage = []
-            for spec in plan.graph_passes:
-                if dtype not in spec.dtypes:
-                    continue
-                opts = dataclasses.replace(options, dtype=dtype,
-                                           calibration=options.calibration if dtype == torch.int8 else None)
-                ctx = PassContext(opts, self._hardware, plan.mode, None, args, kwargs, dynamic_dims=dims or None,
-                                  artifact_dir=artifact_dir if dtype == options.dtype else None)
-                stage.append(ladder.Rung(f"{spec.name} {dtype_name(dtype)}", spec.name, dtype,
-                                         lambda spec=spec, ctx=ctx: spec.fn(work, args, kwargs, ctx), ctx.notes))
-            if dtype in (torch.bfloat16, torch.float16) or (
-                    dtype == torch.float32 and plan.module_passes and not low_precision_work):
-                stage.append(ladder.Rung(f"eager+passes {dtype_name(dtype)}", "eager+passes", dtype,
-                                         lambda dtype=dtype: _eager_runner(work, dtype)))
+            for dtype in dtypes:
+                for spec in plan.graph_passes:
+                    if dtype not in spec.dtypes:
+                        continue
+                    opts = dataclasses.replace(options, dtype=dtype,
+                                               calibration=options.calibration if dtype == torch.int8 else None)
+                    ctx = PassContext(opts, self._hardware, plan.mode, None, args, kwargs, dynamic_dims=dims or None,
+                                      artifact_dir=artifact_dir if dtype == options.dtype else None)
+                    stage.append(ladder.Rung(f"{spec.name} {dtype_name(dtype)}", spec.name, dtype,
+                                             lambda spec=spec, ctx=ctx: spec.fn(work, args, kwargs, ctx), ctx.notes))
+                if dtype in (torch.bfloat16, torch.float16) or (
+                        dtype == torch.float32 and plan.module_passes and not low_precision_work):
+                    stage.append(ladder.Rung(f"eager+passes {dtype_name(dtype)}", "eager+passes", dtype,
+                                             lambda dtype=dtype: _eager_runner(work, dtype)))
             if stage:
                 stages.append(stage)
         if prefer:  # a known winner goes first; with it, the ladder stops at the first rung that wins

@@ -35,9 +35,10 @@ class Lookup:
 class WarmStart:
     """The persistent side of one optimized model; disabled (``enabled`` False) with CPUBOOST_CACHE_DIR=off."""
 
-    def __init__(self, options: Options) -> None:
+    def __init__(self, options: Options, passes: list[str]) -> None:
         self.store = store.DecisionStore.from_option(options.cache_dir)
         self.options = options
+        self.passes = passes  # the candidates differ when a pass is registered or a backend appears
         self._weights: Optional[str] = None
 
     @property
@@ -49,8 +50,8 @@ class WarmStart:
         self._weights = None
 
     def lookup(self, original: nn.Module, args: tuple, kwargs: dict) -> Lookup:
-        key = store.make_key(original, args, kwargs, _options_key(self.options), weights=False,
-                             backends=("openvino",))
+        key = store.make_key(original, args, kwargs, {**_options_key(self.options), "passes": self.passes},
+                             weights=False, backends=("openvino",))
         if self._weights is None:
             self._weights = store.weights_digest(original)
         artifact = self.store.artifact_dir({**key, "weights": self._weights}) if self.store.writable else None

@@ -50,7 +50,7 @@ def _inference_wanted(ctx: PlanContext) -> Optional[str]:
     if backend == "auto" and not ctx.options.fusion:
         return "fusion=False (under backend='auto' IPEX is a fused-graph candidate; backend='ipex' runs it imperative)"
     if ctx.options.dtype not in _IPEX_DTYPES:
-        return "dtype=fp16: cpuboost's IPEX paths are fp32 and bf16"
+        return f"dtype={ctx.options.dtype}: cpuboost's IPEX paths are fp32 and bf16".replace("torch.", "")
     return _ipex_verdict(explicit=backend == "ipex")
 
 

@@ -1,0 +1,86 @@
+"""Warm start through the public API: a second process reuses the decision and the compiled graph;
+cpuboost.save/load round-trip; a foreign or damaged cache entry is ignored, never a crash."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import cpuboost
+
+pytestmark = pytest.mark.slow
+
+CHILD = textwrap.dedent("""
+    import json, sys, time, torch, cpuboost
+    sys.path.insert(0, {tests!r})
+    from nets import StackNet, randomize_bn
+    torch.manual_seed(0)
+    net = randomize_bn(StackNet(3, [16, 16], ["relu", "relu"], [False, True], False),
+                       torch.Generator().manual_seed(0)).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    model = cpuboost.optimize(net, dtype="fp32", backend="native", cache_dir={cache!r})
+    begin = time.perf_counter()
+    out = model(x)
+    seconds = time.perf_counter() - begin
+    report = cpuboost.explain(model)
+    rung = next(r for r in report.graphs[-1].rungs if r.name == "inductor fp32")
+    print(json.dumps({{"seconds": seconds, "out": out.flatten().tolist(), "events": report.events,
+                       "inductor": rung.fate, "notes": next(p.detail for p in report.passes if p.name == "inductor"),
+                       "path": report.graphs[-1].path}}))
+""")
+
+
+def _child(cache, tests):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CPUBOOST_")}
+    proc = subprocess.run([sys.executable, "-c", CHILD.format(cache=str(cache), tests=tests)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_reuses_decision_and_graph(tmp_path):
+    """The second process finds the first one's decision (no race) and its AOTInductor graph (no compile),
+    verifies it once and gives the same answer."""
+    tests = os.path.dirname(__file__)
+    first = _child(tmp_path, tests)
+    second = _child(tmp_path, tests)
+    assert any("decision from the persistent cache" in e for e in second["events"]), second
+    assert first["path"] == second["path"]
+    torch.testing.assert_close(torch.tensor(second["out"]), torch.tensor(first["out"]), rtol=1e-5, atol=1e-6)
+    if first["path"] == "inductor":
+        assert "loaded from the persistent cache" in second["notes"], second["notes"]
+        assert second["seconds"] < first["seconds"]
+
+
+def test_corrupt_cache_entries_are_rebuilt_with_a_warning(tmp_path):
+    """Truncated decision files are ignored with a warning and rebuilt; the answer is eager's."""
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 8)
+    cpuboost.optimize(net, dtype="fp32", fusion=False, cache_dir=str(tmp_path))(x)
+    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".json")]
+    assert files
+    for path in files:
+        with open(path, "r+b") as fh:
+            fh.truncate(max(os.path.getsize(path) // 2, 1))
+    with pytest.warns(UserWarning):
+        out = cpuboost.optimize(net, dtype="fp32", fusion=False, cache_dir=str(tmp_path))(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out, net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    """cpuboost.save() packages the built signatures; cpuboost.load() answers without compiling."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 14 * 14, 4)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    model = cpuboost.optimize(net, dtype="fp32", fusion=False)
+    model(x)
+    path = cpuboost.save(model, tmp_path / "pkg")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["graphs"] and "needs" in json.dumps(manifest)
+    loaded = cpuboost.load(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net(x), rtol=1e-4, atol=1e-5)
