@@ -10,7 +10,7 @@ from torch import nn
 pytest.importorskip("openvino")
 transformers = pytest.importorskip("transformers")
 
-from cpuboost.backends.openvino import OpenVINOBuildError, build, describe_memory
+from cpuboost.backends.openvino import OpenVINOBuildError, build
 
 FP32_TOL = 1e-4   # max|diff| / max|eager fp32|, per output tensor
 BF16_TOL = 3e-2
@@ -88,7 +88,7 @@ def test_conv_net_matches_eager_and_results_are_not_overwritten(conv_builds, dty
     assert rel_err(out, ref) <= tol and rel_err(out2, ref2) <= tol
     assert any("precision " + {torch.float32: "f32", torch.bfloat16: "bf16"}[dtype] in n for n in notes), notes
     weights = sum(p.numel() * 4 for p in net.parameters())
-    assert weights // 2 <= describe_memory(fn) <= 2 * weights  # BatchNorm may be folded into the conv
+    assert weights // 2 <= fn.weight_bytes <= 2 * weights  # BatchNorm may be folded into the conv
     with pytest.raises(TypeError):
         fn(x.double())
 
