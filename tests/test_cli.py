@@ -188,6 +188,7 @@ def test_bench_with_one_compiled_path(capsys, factory_file):
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("cpuboost fp32"))
     assert "ran " in row and "x" in row
+    assert "inductor fp32: failed" not in row and "inductor fp32: rejected" not in row, row
     assert "eager autocast bf16" not in out  # --dtype fp32 keeps only fp32 paths (plus the baseline)
 
 

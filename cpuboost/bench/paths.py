@@ -141,8 +141,8 @@ def _cpuboost_describe(optimized: Any) -> str:
     if not graphs:
         return ""
     g = graphs[-1]
-    fell = "; ".join(f"{p} failed: {why}" for p, why in g.fallbacks)
-    return f"ran {g.path}" + (f" ({fell})" if fell else "")
+    others = "; ".join(f"{r.name}: {r.fate}" for r in g.rungs if r.fate != "served")
+    return f"ran {g.path} {g.dtype}".rstrip() + (f" ({others})" if others else "")
 
 
 def _openvino_available() -> Optional[str]:
