@@ -6,7 +6,7 @@ original eager model is what serves when no rung wins. A candidate is judged aga
 reference by what its dtype can do (``verify.compare`` with eager autocast's own error as the yardstick),
 then timed against the original eager fp32 call, interleaved. The fastest verified candidate that beats
 eager serves; losers are freed before the next rung, so racing never holds two extra graphs at once.
-After a winner exists, further rungs start only while the ``tune_budget`` (seconds) lasts.
+Once a rung has won, further rungs start only while the ``tune_budget`` (seconds from that win) lasts.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def climb(stages: list[list[Rung]], args: tuple, kwargs: dict, *, reference: Any
     """Try the rungs in order; return the winner (None: eager serves) and a record of every rung."""
     records: list[RungRecord] = []
     best: Optional[Winner] = None
-    started = time.perf_counter()
+    won_at = 0.0  # the budget counts from the first winner: the first build, however slow, never uses it up
     total = sum(len(stage) for stage in stages)
     with progress(total, signature) as bar:
         for stage in stages:
@@ -66,7 +66,7 @@ def climb(stages: list[list[Rung]], args: tuple, kwargs: dict, *, reference: Any
                             for r in stage]
                 continue
             for rung in stage:
-                if best is not None and time.perf_counter() - started > budget:
+                if best is not None and time.perf_counter() - won_at > budget:
                     why = (f"{decided} was decided by an earlier build (this process or the persistent cache)"
                            if decided and best.rung.name == decided else f"tune_budget={budget:g} s spent")
                     records.append(RungRecord(rung.name, f"not tried: {why}"))
@@ -76,6 +76,7 @@ def climb(stages: list[list[Rung]], args: tuple, kwargs: dict, *, reference: Any
                 candidate = _try(rung, args, kwargs, reference, yardstick, eager, tolerance, verify_outputs)
                 records.append(candidate if isinstance(candidate, RungRecord) else candidate.record)
                 if isinstance(candidate, Winner):
+                    won_at = won_at or time.perf_counter()
                     if best is None or candidate.ms / candidate.eager_ms < best.ms / best.eager_ms:
                         if best is not None:
                             best.record.fate = f"verified but slower than {rung.name}"

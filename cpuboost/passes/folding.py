@@ -74,7 +74,7 @@ def fold_batchnorm(model: nn.Module, ctx: PassContext) -> nn.Module:
         producer, bn = model.get_submodule(producer_name), model.get_submodule(bn_name)
         folded = _FOLDERS[(type(producer), type(bn))](producer, bn)
         _set_submodule(model, producer_name, folded)
-        _set_submodule(model, bn_name, nn.Identity())
+        _set_submodule(model, bn_name, nn.Identity().train(bn.training))  # a new module defaults to train mode
     ctx.note(f"folded {len(pairs)} pair(s)")
     return model
 

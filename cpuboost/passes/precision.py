@@ -25,8 +25,9 @@ def _wanted(ctx: PlanContext):
         return f"dtype={ctx.options.dtype}".replace("torch.", "")
     if ctx.options.inplace:
         return "inplace=True: your model must stay runnable in fp32, the reference for every new input shape"
-    if ctx.options.fusion and ctx.hardware.has_cxx_compiler and ctx.options.backend in ("auto", "native"):
-        return "fusion=True: Inductor freezing folds the weight casts into constants"
+    if ctx.options.fusion and ctx.options.backend != "eager" and (
+            ctx.hardware.has_cxx_compiler or ctx.options.backend == "openvino"):
+        return "fusion=True: the fused graphs (Inductor freezing, OpenVINO) hold the weights in the dtype themselves"
     if not ctx.has_module(*_MATMUL_LAYERS):
         return "no Conv/Linear layers"
     return None
