@@ -192,7 +192,6 @@ class OptimizedModule(ModelProxy):
         if winner is None:
             out = reference if reference is not None else self._eager_original(*args, **kwargs)
             entry = GraphEntry("eager", self._eager_original, None, record, no_grad=False)
-            record.dynamic = ""
         else:
             record.path, record.dtype = winner.rung.backend, dtype_name(winner.rung.dtype)
             record.verification = str(winner.verdict) if winner.verdict else "not verified (verify=False)"
@@ -262,7 +261,7 @@ class OptimizedModule(ModelProxy):
         if winner is not None:
             family.winner = family.winner or winner.rung.name
             self._winners[family_key] = winner.rung.name
-        if dims and winner is not None:
+        if dims:  # eager, when nothing beat it, serves every size too: later sizes are verified, not rebuilt
             family.dims, family.dynamic = dims, entry
         self._cache.put(key, entry)
         if family.builds > STATIC_GRAPHS_BEFORE_WARNING and "recompiles" not in self._warned:
@@ -300,6 +299,9 @@ class OptimizedModule(ModelProxy):
         options, plan = self._options, self._plan
         work = self._working_copy(args, kwargs)
         low_precision_work = any(p.dtype in (torch.bfloat16, torch.float16) for p in work.parameters())
+        # eager with passes differs from the original only when a pass other than eval changed something
+        passes_changed = any(r.status == "applied" and r.name != "eval" for r in self._report.passes
+                             if r.name in {spec.name for spec in plan.module_passes})
         # int8 races the bf16 candidates in one stage (it must beat them, not only eager); fp32 comes after
         first = [options.dtype] + ([torch.bfloat16] if options.dtype == torch.int8
                                    and self._hardware.native(torch.bfloat16) else [])
@@ -318,7 +320,7 @@ class OptimizedModule(ModelProxy):
                     stage.append(ladder.Rung(f"{spec.name} {dtype_name(dtype)}", spec.name, dtype,
                                              lambda spec=spec, ctx=ctx: spec.fn(work, args, kwargs, ctx), ctx.notes))
                 if dtype in (torch.bfloat16, torch.float16) or (
-                        dtype == torch.float32 and plan.module_passes and not low_precision_work):
+                        dtype == torch.float32 and passes_changed and not low_precision_work):
                     stage.append(ladder.Rung(f"eager+passes {dtype_name(dtype)}", "eager+passes", dtype,
                                              lambda dtype=dtype: _eager_runner(work, dtype)))
             if stage:

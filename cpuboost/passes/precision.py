@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..core.registry import PlanContext, register_pass
+from ..options import dtype_name
 
 _MATMUL_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -22,7 +23,7 @@ def low_precision_weights(model: nn.Module, ctx) -> nn.Module:
 
 def _wanted(ctx: PlanContext):
     if ctx.options.dtype not in (torch.bfloat16, torch.float16):
-        return f"dtype={ctx.options.dtype}".replace("torch.", "")
+        return f"dtype={dtype_name(ctx.options.dtype)}"
     if ctx.options.inplace:
         return "inplace=True: your model must stay runnable in fp32, the reference for every new input shape"
     if ctx.options.fusion and ctx.options.backend != "eager" and (
