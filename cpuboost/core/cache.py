@@ -43,6 +43,7 @@ class Family:
     dims: dict = dataclasses.field(default_factory=dict)  # dims seen varying
     dynamic: Optional[GraphEntry] = None
     builds: int = 0
+    yardstick_error: Optional[float] = None  # eager autocast's error at the dynamic graph's build
 
 
 class SignatureCache:

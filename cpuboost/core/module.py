@@ -225,9 +225,9 @@ class OptimizedModule(ModelProxy):
             self._report.note(f"dynamic graph refused [{sig}]: {ladder._first_line(exc)}")
             return None
         dtype = verify_dtype(entry)
-        if reference is not None:
-            yard = yardstick(dtype) if dtype in (torch.bfloat16, torch.float16) else None
-            verdict = verify.compare(reference, out, dtype, yard, self._options.tolerance)
+        if reference is not None:  # judged by the yardstick error measured when the dynamic graph was built
+            verdict = verify.compare(reference, out, dtype, None, self._options.tolerance,
+                                     yardstick_error=family.yardstick_error)
             if not verdict.ok:
                 self._report.note(f"dynamic graph rejected for [{sig}]: {verdict}; building for it")
                 return None
@@ -263,6 +263,8 @@ class OptimizedModule(ModelProxy):
             self._winners[family_key] = winner.rung.name
         if dims:  # eager, when nothing beat it, serves every size too: later sizes are verified, not rebuilt
             family.dims, family.dynamic = dims, entry
+            verdict = winner.verdict if winner is not None else None
+            family.yardstick_error = verdict.yardstick if verdict is not None else None
         self._cache.put(key, entry)
         if family.builds > STATIC_GRAPHS_BEFORE_WARNING and "recompiles" not in self._warned:
             self._warned.add("recompiles")
