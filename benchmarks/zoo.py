@@ -43,7 +43,8 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,7 +62,7 @@ class Spec:
     args: tuple = ()
     kwargs: dict = dataclasses.field(default_factory=dict)
     description: str = ""
-    calibration: Optional[list] = None  # example inputs for int8 (vision models)
+    calibration: list | None = None  # example inputs for int8 (vision models)
 
     def call(self, fn: Callable[..., Any]) -> Any:
         return fn(*self.args, **self.kwargs)
@@ -94,10 +95,9 @@ def make_nontrivial(model: nn.Module, seed: int = 0) -> nn.Module:
     """
     g = _seeded(seed)
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            if module.running_mean is not None:
-                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=g) * 0.1)
-                module.running_var.copy_(torch.rand(module.running_var.shape, generator=g) * 0.5 + 0.75)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=g) * 0.1)
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=g) * 0.5 + 0.75)
         if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)) or \
                 type(module).__name__.endswith("RMSNorm") or type(module).__name__.endswith("LayerNorm"):
             weight = getattr(module, "weight", None)
@@ -296,8 +296,9 @@ def bart() -> Spec:
 
 def whisper() -> Spec:
     tf = _tf()  # Whisper-tiny's shape (384, 4+4 layers) on 10 s of log-mel features (30 s is 3x the encoder)
-    config = tf.WhisperConfig(max_source_positions=500, d_model=384, encoder_layers=4, decoder_layers=4, encoder_attention_heads=6,
-                              decoder_attention_heads=6, encoder_ffn_dim=1536, decoder_ffn_dim=1536, use_cache=False)
+    config = tf.WhisperConfig(max_source_positions=500, d_model=384, encoder_layers=4, decoder_layers=4,
+                              encoder_attention_heads=6, decoder_attention_heads=6, encoder_ffn_dim=1536,
+                              decoder_ffn_dim=1536, use_cache=False)
     g = _seeded(1)
     features = torch.randn(1, config.num_mel_bins, 2 * config.max_source_positions, generator=g)
     decoder = torch.randint(0, config.vocab_size, (1, 16), generator=g)
@@ -398,13 +399,13 @@ def _openvino(spec: Spec, ref: torch.Tensor) -> tuple[Callable[[], torch.Tensor]
     with torch.no_grad():
         try:
             converted = ov.convert_model(spec.model, example_input=spec.ov_example())
-        except Exception as first:  # retry once through a positional wrapper that returns the main output
+        except Exception as first:  # noqa: BLE001 (retry once through a main-output wrapper)
             keys = list(spec.kwargs)
             wrapper = _Positional(spec.model, keys).eval()
             example = tuple(spec.kwargs[k] for k in keys) if keys else tuple(spec.args)
             try:
                 converted = ov.convert_model(wrapper, example_input=example)
-            except Exception:
+            except Exception:  # noqa: BLE001 (any failure is a result to report)
                 raise first from None
             note = f"converted through a main-output wrapper (as given: {_short(first, 100)})"
     compiled = ov.Core().compile_model(converted, "CPU", config={"INFERENCE_PRECISION_HINT": "bf16",
@@ -498,7 +499,7 @@ def run_one(name: str, repeat: int, dtypes: list[str], skip: set[str]) -> dict:
             entry.update(_describe_cpuboost(held["model"]))
             entry["status"] = "ok"
             calls[key] = fn
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (any failure is a result to report)
             entry["status"] = f"unsupported: {_short(exc)}" if dtype == "int8" else f"error: {_short(exc)}"
             entry["traceback"] = traceback.format_exc()[-3000:]
 
@@ -520,7 +521,7 @@ def run_one(name: str, repeat: int, dtypes: list[str], skip: set[str]) -> dict:
             entry.update(errors_vs(ref, main_output(out).float()))
             entry["status"] = "ok"
             calls["hand_compile"] = hand
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (any failure is a result to report)
             entry["status"] = f"error: {_short(exc)}"
             entry["traceback"] = traceback.format_exc()[-3000:]
 
@@ -537,7 +538,7 @@ def run_one(name: str, repeat: int, dtypes: list[str], skip: set[str]) -> dict:
             if note:
                 entry["note"] = note
             calls["openvino"] = ov_call
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (any failure is a result to report)
             entry["status"] = f"n/a ({_short(exc, 160)})"
             entry["traceback"] = traceback.format_exc()[-3000:]
 
@@ -623,7 +624,7 @@ def worker(args: argparse.Namespace) -> int:
     skip = {p for p in args.skip.split(",") if p}
     try:
         result = run_one(args.one, args.repeat, dtypes, skip)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (any failure is a result to report)
         result = {"model": args.one, "failure": _short(exc, 300), "traceback": traceback.format_exc()[-3000:]}
     text = json.dumps(result, default=str)
     if args.json in (None, "-"):
@@ -697,11 +698,11 @@ def run_child(name: str, args: argparse.Namespace) -> dict:
         return result
 
 
-def _fmt_x(value: Optional[float]) -> str:
+def _fmt_x(value: float | None) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}x"
 
 
-def _fmt_s(value: Optional[float]) -> str:
+def _fmt_s(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}s"
 
 
@@ -783,7 +784,7 @@ def plot(results: list[dict], path: str, extra: list[str]) -> None:
 
     ran = [r for r in results if not r.get("failure")]
     keys = ["hand_compile", "openvino", "cpuboost_bf16"] + [f"cpuboost_{d}" for d in extra]
-    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(ran) * len(keys) / 2), 5))
+    fig, ax = plt.subplots(figsize=(min(18, max(8, 0.35 * len(ran) * len(keys))), 5))
     width = 0.8 / len(keys)
     for i, key in enumerate(keys):
         values = []
@@ -834,7 +835,8 @@ def parent(args: argparse.Namespace) -> int:
     s = summary(results)
     print()
     print(f"summary: {s['passed']}/{s['ran']} pass (cpuboost bf16 error within tolerance and >= 0.85x the best of "
-          f"eager fp32 / hand compile / OpenVINO); geomean cpuboost bf16 vs eager fp32 {_fmt_x(s['geomean_vs_eager'])}, "
+          f"eager fp32 / hand compile / OpenVINO); geomean cpuboost bf16 vs eager fp32 "
+          f"{_fmt_x(s['geomean_vs_eager'])}, "
           f"vs best {_fmt_x(s['geomean_vs_best'])}; served: "
           + ", ".join(f"{k} x{v}" for k, v in sorted(s["served"].items()))
           + (f"; failed to run: {', '.join(s['failed'])}" if s["failed"] else ""))
@@ -853,7 +855,7 @@ def parent(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_wait = "inherit" if os.environ.get("OMP_WAIT_POLICY") else "passive"
     parser.add_argument("--models", help=f"comma-separated subset (default: all): {', '.join(BUILDERS)}")

@@ -142,7 +142,7 @@ def test_dynamic_tiny_bert_without_calibration_answers_a_model_output():
     assert type(out) is type(reference)
     assert out.last_hidden_state.dtype == torch.float32 and out.pooler_output.dtype == torch.float32
     assert_close(reference, out)
-    assert any("dynamic torchao" in line for line in notes), notes
+    assert any("dynamic PT2E" in line for line in notes), notes
 
 
 @pytest.mark.slow
@@ -230,6 +230,16 @@ class Branchy(nn.Module):
 
     def forward(self, x):
         return self.a(x) if x.sum() > 0 else self.b(x)
+
+
+def test_dynamic_falls_back_to_torchao_when_export_fails():
+    """No exportable graph: dynamic int8 quantizes the module itself through torchao instead, and says so."""
+    notes: list[str] = []
+    model = Branchy().eval()
+    quantized, scheme, patches = int8._quantize(model, (torch.ones(4, 8),), {}, [], "dynamic", notes.append)
+    assert scheme == "dynamic_torchao" and patches["freezing"] is True
+    assert len(notes) == 1 and "PT2E failed" in notes[0] and "torchao" in notes[0]
+    assert type(quantized.a.weight).__name__ == "Int8Tensor" and type(quantized.b.weight).__name__ == "Int8Tensor"
 
 
 def test_static_int8_of_a_model_export_cannot_capture_is_a_typed_error():
