@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..core.registry import PassContext, PlanContext, register_pass
+from ..options import dtype_name
 
 _IPEX_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -50,7 +51,7 @@ def _inference_wanted(ctx: PlanContext) -> Optional[str]:
     if backend == "auto" and not ctx.options.fusion:
         return "fusion=False (under backend='auto' IPEX is a fused-graph candidate; backend='ipex' runs it imperative)"
     if ctx.options.dtype not in _IPEX_DTYPES:
-        return f"dtype={ctx.options.dtype}: cpuboost's IPEX paths are fp32 and bf16".replace("torch.", "")
+        return f"dtype={dtype_name(ctx.options.dtype)}: cpuboost's IPEX paths are fp32 and bf16"
     return _ipex_verdict(explicit=backend == "ipex")
 
 
