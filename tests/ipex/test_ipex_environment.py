@@ -20,6 +20,7 @@ import json, logging, sys
 import torch
 before = (list(logging.getLogger().handlers), logging.getLogger().level, logging.getLoggerClass())
 import cpuboost
+from oracle import rung, verified
 model = cpuboost.optimize(torch.nn.Linear(2, 2), dtype="fp32")  # 'auto' plans IPEX but does not import it
 planned = [r.name for r in cpuboost.explain(model).passes if r.status == "planned"]
 imported_by_plan = "intel_extension_for_pytorch" in sys.modules
@@ -88,5 +89,5 @@ def test_native_inductor_path_runs_on_ipex_torch():
     x = torch.randn(3, 8)
     out = model(x)
     graph = cpuboost.explain(model).graphs[-1]
-    assert graph.path == "inductor" and graph.verification.startswith("ok"), str(cpuboost.explain(model))
+    assert verified(rung(model, "inductor fp32")), str(cpuboost.explain(model))  # the race picks what serves
     assert torch.allclose(out, net(x), rtol=1e-4, atol=1e-5)

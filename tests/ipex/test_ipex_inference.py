@@ -62,7 +62,8 @@ def test_hf_model_output_survives_the_trace(dtype):
     with torch.no_grad():
         ref = bert(input_ids=ids, attention_mask=mask)
     assert type(out) is type(ref) and list(out.keys()) == list(ref.keys())
-    assert verified(rung(model, f"ipex {dtype}")), str(cpuboost.explain(model))
+    ipex = rung(model, f"ipex {dtype}")  # built; in bf16 IPEX may be judged less accurate than autocast, and refused
+    assert verified(ipex) or ipex.fate.startswith("rejected"), str(cpuboost.explain(model))
     for key in ref.keys():
         assert rel_err(out[key], ref[key]) <= TOL[dtype], key
     padded = mask.clone()
@@ -155,9 +156,9 @@ def test_auto_builds_both_and_keeps_the_faster(dtype):
     graph = report.graphs[-1]
     both = [rung(model, f"inductor {dtype}"), rung(model, f"ipex {dtype}")]
     assert all(verified(r) and r.ms > 0 for r in both), str(report)  # both built, verified and timed
-    raced = [r for r in graph.rungs if r.ms is not None and r.vs_eager and r.vs_eager > 1]
-    if raced:  # of the verified rungs that beat eager, the fastest serves
-        fastest = min(raced, key=lambda r: r.ms)
+    raced = [r for r in graph.rungs if r.ms is not None and r.vs_eager and r.vs_eager > 1 and r.error.startswith("ok")]
+    if raced:  # of the verified rungs that beat eager, the fastest (against eager, interleaved) serves
+        fastest = max(raced, key=lambda r: r.vs_eager)
         assert fastest.fate == "served" and graph.path == fastest.name.rsplit(" ", 1)[0], str(report)
     assert "raced" in report._repr_html_()
     assert rel_err(out, net(x)) <= TOL[dtype]
