@@ -12,6 +12,7 @@ from cpuboost import bench
 from cpuboost.cli import main
 from cpuboost.bench.workloads import Workload
 from ipex_cases import conv_net, needs_ipex
+from oracle import rung, verified
 
 pytestmark = needs_ipex
 
@@ -20,7 +21,6 @@ import json, logging, sys
 import torch
 before = (list(logging.getLogger().handlers), logging.getLogger().level, logging.getLoggerClass())
 import cpuboost
-from oracle import rung, verified
 model = cpuboost.optimize(torch.nn.Linear(2, 2), dtype="fp32")  # 'auto' plans IPEX but does not import it
 planned = [r.name for r in cpuboost.explain(model).passes if r.status == "planned"]
 imported_by_plan = "intel_extension_for_pytorch" in sys.modules
@@ -88,6 +88,5 @@ def test_native_inductor_path_runs_on_ipex_torch():
     model = cpuboost.optimize(net, dtype="fp32", backend="native")  # under 'auto' the faster of the two serves
     x = torch.randn(3, 8)
     out = model(x)
-    graph = cpuboost.explain(model).graphs[-1]
     assert verified(rung(model, "inductor fp32")), str(cpuboost.explain(model))  # the race picks what serves
     assert torch.allclose(out, net(x), rtol=1e-4, atol=1e-5)
