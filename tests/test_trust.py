@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 import cpuboost
-from oracle import rung, verified
 
 from nets import MLP, StackNet, randomize_bn, run_in_threads
 
@@ -110,21 +109,54 @@ def test_eight_threads_first_calls_with_different_shapes():
 
 
 @pytest.mark.slow
-def test_a_guard_miss_is_a_new_signature_not_an_unverified_recompile():
-    """A compiled graph whose guards fail (a Python attribute changed) is not recompiled behind our back:
-    the call is treated as a new signature, built and verified, and answers like eager."""
+def test_a_compiled_graph_refuses_to_recompile_on_a_guard_miss():
+    """Inductor's graph, once built, raises RecompileRefused when its guards miss (a global it read changed)
+    instead of recompiling an unverified graph behind cpuboost's back."""
+    from cpuboost.backends.inductor import RecompileRefused, build
+
     net = Scaled().eval()
-    model = cpuboost.optimize(net, dtype="fp32", backend="native", tune_budget=0)
     x = torch.randn(1024, 64)
-    model(x)
-    assert cpuboost.explain(model).graphs[-1].path == "inductor", str(cpuboost.explain(model))
-    GLOBAL_SHIFT["value"] = 2.0  # a global the graph guards on: the guard misses, nothing recompiles silently
+    with torch.no_grad():  # as the runtime calls it (grad mode is part of the guards)
+        graph = build(net, (x,), {}, torch.float32, lambda note: None)
+        assert _close(graph(x), _eager(net, x))
+    GLOBAL_SHIFT["value"] = 2.0
     try:
-        assert _close(model(x), _eager(net, x))
-        assert any("guards refused" in e for e in cpuboost.explain(model).events), str(cpuboost.explain(model))
-        assert verified(rung(model, "inductor fp32"))
+        with pytest.raises(RecompileRefused), torch.no_grad():
+            graph(x)
     finally:
         GLOBAL_SHIFT["value"] = 0.5
+
+
+def test_a_guard_miss_is_a_new_signature_built_and_verified():
+    """A serving graph that refuses a call (RecompileRefused) makes that call a new signature: the runtime
+    rebuilds, verifies and answers like eager, and says so; an attribute edit on the model rebuilds too."""
+    from cpuboost.backends.inductor import RecompileRefused
+
+    def guarded(model, args, kwargs, ctx):
+        shift = GLOBAL_SHIFT["value"]
+        with torch.no_grad():
+            answer = net(*args, **kwargs)  # precomputed: faster than eager, correct for this state only
+
+        def run(*a, **k):
+            if GLOBAL_SHIFT["value"] != shift:
+                raise RecompileRefused("guard failed: GLOBAL_SHIFT changed")
+            return answer
+        return run
+
+    net = Scaled().eval()
+    cpuboost.core.registry.register_pass(guarded, name="test_guarded", kind="graph", modes="infer")
+    try:
+        model = cpuboost.optimize(net, dtype="fp32", fusion=False)
+        x = torch.randn(64, 64)
+        model(x)
+        assert cpuboost.explain(model).graphs[-1].path == "test_guarded", str(cpuboost.explain(model))
+        GLOBAL_SHIFT["value"] = 2.0
+        assert _close(model(x), _eager(net, x))
+        assert any("guards refused" in e for e in cpuboost.explain(model).events), str(cpuboost.explain(model))
+        assert cpuboost.explain(model).graphs[-1].verification.startswith("ok")
+    finally:
+        GLOBAL_SHIFT["value"] = 0.5
+        cpuboost.core.registry.unregister_pass("test_guarded")
     net.scale = 3.0  # an attribute of the user's model: the working copy's own copy must not serve
     assert _close(model(x), _eager(net, x))
     assert any("plain attribute" in e for e in cpuboost.explain(model).events)
