@@ -24,3 +24,12 @@ def _clean_cpuboost_env(monkeypatch):
             monkeypatch.delenv(var)
     monkeypatch.setenv("CPUBOOST_CACHE_DIR", "off")
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def two_threads():
+    """Two torch threads for one test (the backends' own thread settings are checked against it), then back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

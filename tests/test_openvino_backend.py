@@ -21,11 +21,8 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.fixture(autouse=True)
-def _two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+def _two_threads(two_threads):
+    """Every test here runs with two torch threads (the shared fixture in conftest restores the count)."""
 
 
 class ConvNet(nn.Module):
