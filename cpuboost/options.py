@@ -7,7 +7,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from .errors import InvalidOptionError, UnknownDtypeError, UnknownOptionError
+from .errors import CalibrationError, InvalidOptionError, UnknownDtypeError, UnknownOptionError
 
 _DTYPE_NAMES = {
     "bf16": torch.bfloat16,
@@ -136,6 +136,11 @@ class Options:
         _check_number("tune_budget", self.tune_budget, allow_none=False, what="a non-negative number of seconds",
                       fix="e.g. tune_budget=0 serves the first verified path that beats eager, 30 is the default")
         _check_dynamic_dims(self.dynamic_dims)
+        if self.calibration is not None and _one_shot(self.calibration):
+            object.__setattr__(self, "calibration", list(self.calibration))  # a generator is read once, kept
+        if self.calibration is not None and _empty(self.calibration):
+            raise CalibrationError("option calibration= is empty: give at least one example input (a few batches "
+                                   "of real data calibrate best), or calibration=None for dynamic int8")
         if self.calibration is not None and self.dtype != torch.int8:
             msg = (f"option calibration= is only used with dtype='int8', got dtype={dtype_name(self.dtype)!r}; "
                    "drop calibration= or ask for dtype='int8'")
@@ -160,6 +165,19 @@ class Options:
             f"dtype={dtype_name(self.dtype)} fusion={self.fusion} backend={self.backend} "
             f"mode={self.mode} verify={self.verify} shapes={self.shapes}{extra}"
         )
+
+
+def _empty(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and not value
+
+
+def _one_shot(value: Any) -> bool:
+    """An iterable that a second pass may not see again (a generator, a DataLoader that shuffles): its
+    batches are read once into a list, so every build and the warm-start key see the same data."""
+    from collections.abc import Iterable, Mapping
+
+    return (isinstance(value, Iterable) and not isinstance(value, (list, tuple, Mapping, str, bytes))
+            and not isinstance(value, torch.Tensor))
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(Options))

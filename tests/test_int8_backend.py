@@ -233,7 +233,7 @@ def test_dynamic_falls_back_to_torchao_when_export_fails():
     """No exportable graph: dynamic int8 quantizes the module itself through torchao instead, and says so."""
     notes: list[str] = []
     model = Branchy().eval()
-    quantized, scheme, patches = int8._quantize(model, (torch.ones(4, 8),), {}, [], "dynamic", notes.append)
+    quantized, scheme, patches = int8.quantize_copy(model, (torch.ones(4, 8),), {}, [], "dynamic", notes.append)
     assert scheme == "dynamic_torchao" and patches["freezing"] is True
     assert len(notes) == 1 and "PT2E failed" in notes[0] and "torchao" in notes[0]
     assert type(quantized.a.weight).__name__ == "Int8Tensor" and type(quantized.b.weight).__name__ == "Int8Tensor"

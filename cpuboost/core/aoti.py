@@ -158,14 +158,16 @@ def check_requirements(needs: dict) -> None:
 
 def compile_aoti(module: nn.Module, args: tuple, kwargs: dict, dtype: Union[str, torch.dtype], *,
                  workdir: Union[str, os.PathLike, None] = None, name: str = "graph", march: Optional[str] = None,
-                 reference: Any = None) -> tuple["PackagedGraph", Path]:
+                 reference: Any = None, extra_meta: Optional[dict] = None) -> tuple["PackagedGraph", Path]:
     """Export ``module`` for this signature, compile it with AOTInductor (freezing) and load it.
 
     Returns the loaded graph (a callable answering in eager's output structure and dtypes) and the path of
     its ``.pt2``; ``<name>.json`` beside it holds the structure, so ``load_graph(path)`` brings it back in a
     later process without compiling. ``workdir``: e.g. ``DecisionStore.artifact_dir(key)``; files appear
     there atomically. ``reference``: eager fp32's output for these inputs, if the caller has it already
-    (only its dtypes are used here). Raises whatever torch.export or Inductor raise: a model that does not
+    (only its dtypes are used here). ``extra_meta``: more sidecar fields (an int8 graph records its scheme,
+    and ``clone_inputs``: its kernels write into a float input, so every call passes copies). Raises
+    whatever torch.export or Inductor raise: a model that does not
     export (data-dependent Python control flow) falls back to torch.compile in the caller.
     """
     dtype = _dtype(dtype)
@@ -199,7 +201,7 @@ def compile_aoti(module: nn.Module, args: tuple, kwargs: dict, dtype: Union[str,
             raise
     meta = {"format": FORMAT, "version": VERSION, "dtype": str(dtype).replace("torch.", ""), "inputs": in_spec,
             "output": out_spec, "needs": requirements(march), "bytes": os.path.getsize(tmp),
-            "export_s": round(exported_s, 2), "compile_s": round(time.perf_counter() - started, 2)}
+            "export_s": round(exported_s, 2), "compile_s": round(time.perf_counter() - started, 2), **(extra_meta or {})}
     _drop_inductor_copy(Path(tmp))
     final = folder / f"{name}.pt2"
     _store.publish(Path(tmp), final)
@@ -238,6 +240,7 @@ class PackagedGraph:
         self._tensor_specs = []
         _collect_tensor_specs(meta["inputs"], self._tensor_specs)
         self._classes = _classes(meta["output"], output_types, {})
+        self._clone_inputs = bool(meta.get("clone_inputs"))
         try:
             # The C++ loader straight away: aoti_load_package would import torch._inductor (seconds) only to
             # wrap it in pytree specs we do not use (ours are JSON, above).
@@ -257,6 +260,8 @@ class PackagedGraph:
         for t, spec in zip(leaves, self._tensor_specs):
             if list(t.stride()) != spec["stride"] and t.numel() > 1:
                 t = torch.empty_strided(t.shape, spec["stride"], dtype=t.dtype).copy_(t)
+            elif self._clone_inputs and t.is_floating_point():
+                t = t.clone()  # int8 kernels' fused ``sum`` writes into its residual input: never the caller's
             flat.append(t)
         return flat
 
@@ -281,6 +286,12 @@ def load_graph(path: Union[str, os.PathLike], *, output_types: str = "auto", che
         raise PackageFormatError(f"{path} is {size} bytes, its sidecar says {meta.get('bytes')}: truncated or "
                                  "replaced; rebuild it")
     return PackagedGraph(path, meta, output_types)
+
+
+def update_meta(graph: PackagedGraph, **fields: Any) -> None:
+    """Add ``fields`` to a graph's sidecar (e.g. accuracy measured after it was built), atomically."""
+    graph.meta.update(fields)
+    _store.atomic_write(graph.path.with_suffix(".json"), json.dumps(graph.meta, indent=1).encode())
 
 
 def _read_json(path: Path) -> dict:

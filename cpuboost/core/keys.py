@@ -142,6 +142,21 @@ def weights_digest(model: nn.Module, threads: int = 0) -> str:
     return hashlib.sha256(b"".join(digests)).hexdigest()[:32]
 
 
+def data_digest(value: Any) -> str:
+    """Content hash of a nest of tensors and plain values (int8 calibration batches): what they hold."""
+    from torch.utils import _pytree as pytree
+
+    leaves, spec = pytree.tree_flatten(value)
+    h = hashlib.sha256(str(spec).encode())
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            h.update(f"T|{tuple(leaf.shape)}|{leaf.dtype}|".encode())
+            h.update(_tensor_bytes(leaf))
+        else:
+            h.update(f"V|{leaf!r}|".encode())
+    return h.hexdigest()[:32]
+
+
 def _cpu_flags() -> list[str]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:

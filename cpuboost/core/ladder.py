@@ -103,18 +103,19 @@ def _try(rung: Rung, args: tuple, kwargs: dict, reference: Any, yardstick: Calla
             raise  # the user's input is wrong (calibration data, dynamic_dims): say so, build nothing
         return RungRecord(rung.name, f"failed: {_first_line(exc)}", time.perf_counter() - begin)
     seconds = time.perf_counter() - begin
+    measured = getattr(fn, "accuracy_summary", "")  # a backend's own measurement (int8: calibration batches)
     verdict = None
     if verify_outputs:
         yard = yardstick(rung.dtype) if rung.dtype in (torch.bfloat16, torch.float16) else None
         verdict = verify.compare(reference, out, rung.dtype, yard, tolerance)
         if not verdict.ok:
-            return RungRecord(rung.name, "rejected: not accurate enough", seconds, str(verdict))
+            return RungRecord(rung.name, "rejected: not accurate enough", seconds, str(verdict), accuracy=measured)
     try:
         ms, eager_ms = race.against_eager(fn, eager, args, kwargs)
     except Exception as exc:  # a graph that answered once but not twice is not served
-        return RungRecord(rung.name, f"failed on a second call: {_first_line(exc)}", seconds)
+        return RungRecord(rung.name, f"failed on a second call: {_first_line(exc)}", seconds, accuracy=measured)
     error = str(verdict) if verdict else "not verified (verify=False)"
-    record = RungRecord(rung.name, "", seconds, error, ms, eager_ms / ms if ms else None)
+    record = RungRecord(rung.name, "", seconds, error, ms, eager_ms / ms if ms else None, accuracy=measured)
     if ms >= eager_ms:
         record.fate = "slower than eager fp32"
         return record

@@ -39,6 +39,14 @@ _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 STATIC_GRAPHS_BEFORE_WARNING = 4
 
 
+def _artifact_dir(folder, dtype: torch.dtype, planned: torch.dtype):
+    """Where a rung keeps its persistent artifact: the signature's folder for the planned dtype; a subfolder
+    for the bf16 rungs an int8 plan races (int8 keeps its own graph in the folder itself)."""
+    if folder is None or dtype == planned:
+        return folder
+    return folder / dtype_name(dtype) if planned == torch.int8 and dtype != torch.float32 else None
+
+
 def _eager_runner(model: nn.Module, dtype: torch.dtype) -> Callable:
     """The working copy under a precision; fp32 outside any autocast needs no wrapper at all."""
     if dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
@@ -318,7 +326,7 @@ class OptimizedModule(ModelProxy):
                     opts = dataclasses.replace(options, dtype=dtype,
                                                calibration=options.calibration if dtype == torch.int8 else None)
                     ctx = PassContext(opts, self._hardware, plan.mode, None, args, kwargs, dynamic_dims=dims or None,
-                                      artifact_dir=artifact_dir if dtype == options.dtype else None)
+                                      artifact_dir=_artifact_dir(artifact_dir, dtype, options.dtype))
                     stage.append(ladder.Rung(f"{spec.name} {dtype_name(dtype)}", spec.name, dtype,
                                              lambda spec=spec, ctx=ctx: spec.fn(work, args, kwargs, ctx), ctx.notes))
                 if dtype in (torch.bfloat16, torch.float16) or (

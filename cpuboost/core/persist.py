@@ -19,8 +19,11 @@ log = logging.getLogger("cpuboost")
 
 
 def _options_key(options: Options) -> dict:
-    return {"dtype": dtype_name(options.dtype), "backend": options.backend, "fusion": options.fusion,
-            "tolerance": options.tolerance, "shapes": options.shapes, "verify": options.verify}
+    key = {"dtype": dtype_name(options.dtype), "backend": options.backend, "fusion": options.fusion,
+           "tolerance": options.tolerance, "shapes": options.shapes, "verify": options.verify}
+    if options.calibration is not None:  # int8 scales come from these batches: other data, other graph
+        key["calibration"] = store.data_digest(options.calibration)
+    return key
 
 
 @dataclasses.dataclass
@@ -39,6 +42,7 @@ class WarmStart:
         self.store = store.DecisionStore.from_option(options.cache_dir)
         self.options = options
         self.passes = passes  # the candidates differ when a pass is registered or a backend appears
+        self._options_key = {**_options_key(options), "passes": passes}
         self._weights: Optional[str] = None
 
     @property
@@ -50,8 +54,8 @@ class WarmStart:
         self._weights = None
 
     def lookup(self, original: nn.Module, args: tuple, kwargs: dict) -> Lookup:
-        key = store.make_key(original, args, kwargs, {**_options_key(self.options), "passes": self.passes},
-                             weights=False, backends=("openvino",))
+        key = store.make_key(original, args, kwargs, self._options_key, weights=False,
+                             backends=("openvino", "torchao"))
         if self._weights is None:
             self._weights = store.weights_digest(original)
         artifact = self.store.artifact_dir({**key, "weights": self._weights}) if self.store.writable else None

@@ -24,12 +24,14 @@ class RungRecord:
     error: str = ""  # the verdict, e.g. "ok: rel err 4.1e-03 <= 1.2e-02, eager autocast 4.0e-03"
     ms: Optional[float] = None  # median per call
     vs_eager: Optional[float] = None  # eager fp32 time / this time (>1 is faster)
+    accuracy: str = ""  # what the backend measured itself (int8: vs eager fp32 on the calibration batches)
 
     def line(self) -> str:
         speed = f", {self.ms:.2f} ms ({self.vs_eager:.2f}x eager fp32)" if self.ms is not None else ""
         build = f"built in {self.build_seconds:.2f} s" if self.build_seconds else "not built"
         error = f", {self.error}" if self.error else ""
-        return f"{self.name}: {self.fate}; {build}{speed}{error}"
+        accuracy = f"; {self.accuracy}" if self.accuracy else ""
+        return f"{self.name}: {self.fate}; {build}{speed}{error}{accuracy}"
 
 
 @dataclasses.dataclass

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 # the keys live in keys.py; re-exported because callers use store.make_key, store.weights_digest...
-from .keys import (CODEGEN_FLAGS, _jsonable, canonical, key_hash, machine_fingerprint,  # noqa: F401
+from .keys import (CODEGEN_FLAGS, _jsonable, canonical, data_digest, key_hash, machine_fingerprint,  # noqa: F401
                    make_key, model_fingerprint, signature_json, weights_digest)
 
 log = logging.getLogger("cpuboost")

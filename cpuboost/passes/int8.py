@@ -18,7 +18,8 @@ def build_int8(model: nn.Module, args: tuple, kwargs: dict, ctx: PassContext) ->
         raise NotImplementedError(f"the int8 graph is built static; it drops out for dynamic dims {ctx.dynamic_dims}")
     calibration = int8.check_calibration(ctx.options.calibration, args, kwargs) if ctx.options.calibration \
         is not None else None
-    return int8.build(model, args, kwargs, calibration, ctx.note)
+    return int8.build(model, args, kwargs, calibration, ctx.note, artifact_dir=ctx.artifact_dir,
+                      tolerance=ctx.options.tolerance)
 
 
 def _int8_wanted(ctx: PlanContext) -> Optional[str]:

@@ -1,0 +1,103 @@
+"""Quantizing the private copy: PT2E with the x86 Inductor quantizer (static with calibration, dynamic
+without), torchao ``quantize_`` where PT2E cannot export the model or on request."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ...errors import NotQuantizableError
+
+STATIC_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)  # what the x86 Inductor quantizer annotates
+DYNAMIC_LAYERS = (nn.Linear,)
+
+
+def layers(model: nn.Module, kinds: tuple) -> list[str]:
+    return [name for name, mod in model.named_modules() if isinstance(mod, kinds)]
+
+
+def _x86_quantizer_module():
+    """torchao's x86 Inductor quantizer, imported without leaving its global pre-grad pass installed."""
+    import sys
+
+    import torch._inductor.config as inductor_config
+
+    name = "torchao.quantization.pt2e.quantizer.x86_inductor_quantizer"
+    if name in sys.modules:
+        return sys.modules[name]
+    before = inductor_config.pre_grad_custom_pass
+    try:
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    finally:
+        inductor_config.pre_grad_custom_pass = before
+    return xiq
+
+
+def _pt2e(model: nn.Module, args: tuple, kwargs: dict, batches: list) -> nn.Module:
+    """Export, annotate with the x86 Inductor quantizer, calibrate on ``batches``, convert to q/dq form.
+    No batches: the dynamic config, run once on the example so the weight observers see the weights."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    xiq = _x86_quantizer_module()
+    exported = torch.export.export(model, tuple(args), dict(kwargs), strict=False).module()
+    config = xiq.get_default_x86_inductor_quantization_config(is_dynamic=not batches)
+    prepared = prepare_pt2e(exported, xiq.X86InductorQuantizer().set_global(config))
+    for a, k in batches or [(tuple(args), dict(kwargs))]:
+        prepared(*a, **k)
+    return convert_pt2e(prepared)
+
+
+def _torchao(model: nn.Module, scheme: str) -> nn.Module:
+    """torchao ``quantize_`` in place on the private copy: dynamic (per-token activation scales) or weight-only."""
+    from torchao.quantization import (
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        quantize_,
+    )
+
+    config = Int8WeightOnlyConfig if scheme == "weight_only" else Int8DynamicActivationInt8WeightConfig
+    quantize_(model, config(set_inductor_config=False))  # True would change global Inductor settings
+    return model
+
+
+def choose_scheme(model: nn.Module, batches: list) -> str:
+    """static with calibration data, dynamic without (weight-only only on request, see the module doc)."""
+    if batches:
+        return "static"
+    if not layers(model, DYNAMIC_LAYERS):
+        convs = len(layers(model, STATIC_LAYERS))
+        raise NotQuantizableError(
+            f"{type(model).__name__} has {convs} Conv layer(s) and no Linear: int8 without calibration data "
+            f"quantizes Linear layers only. Pass calibration=[batch, ...] for static int8 of the convolutions")
+    return "dynamic"
+
+
+DESCRIBE = {
+    "static": "static PT2E (x86 Inductor quantizer: u8 activations per tensor, s8 weights per channel), "
+              "{n} calibration batch(es)",
+    "dynamic": "dynamic PT2E (x86 Inductor quantizer: s8 weights per channel, activation scale per tensor "
+               "at run time)",
+    "dynamic_torchao": "dynamic torchao Int8DynamicActivationInt8WeightConfig (s8 weights per channel, "
+                       "per-token activation scales at run time)",
+    "weight_only": "weight-only torchao Int8WeightOnlyConfig",
+}
+
+
+def quantize_copy(private: nn.Module, args: tuple, kwargs: dict, batches: list, scheme: str,
+              note: Callable[[str], None]) -> tuple[nn.Module, str, dict]:
+    """The quantized copy, the scheme that made it, and the Inductor config its compile needs (patched
+    around the build only)."""
+    if scheme in ("dynamic_torchao", "weight_only"):
+        patches = {"freezing": True, "force_fuse_int_mm_with_mul": scheme == "dynamic_torchao"}
+        return _torchao(private, scheme), scheme, patches
+    try:
+        patches = {"freezing": True, "pre_grad_custom_pass": _x86_quantizer_module().quant_lift_up}
+        return _pt2e(private, args, kwargs, batches if scheme == "static" else []), scheme, patches
+    except Exception as exc:
+        if scheme == "static":
+            raise
+        note(f"int8: PT2E failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+             f"dynamic int8 through torchao on the module instead")
+    patches = {"freezing": True, "force_fuse_int_mm_with_mul": True}
+    return _torchao(private, "dynamic_torchao"), "dynamic_torchao", patches
