@@ -3,6 +3,7 @@
     python benchmarks/inference.py                 # issue-2 check: ResNet-50 b1 + BERT-base s128 b1
     python benchmarks/inference.py --suite         # ResNet-50 b1/b16, BERT s128 b1/b8, ConvNet b32, MLP b64
     python benchmarks/inference.py resnet50_b16    # any listed workload(s) alone
+    python benchmarks/inference.py --int8          # issue-15 check: int8 vs cpuboost bf16, ResNet-50 b4 + BERT s128 b8
 
 Each run writes results/inference-<name>.json (all samples), .png (the chart) and .md (the summary
 table) under --out. Paths come from cpuboost.bench; IPEX/OpenVINO peers join when installed.
@@ -23,6 +24,7 @@ from cpuboost.bench.results import BenchResult, load_json, write_json
 
 WORKLOADS = {  # name -> (model, batch)
     "resnet50_b1": ("resnet50", 1),
+    "resnet50_b4": ("resnet50", 4),
     "resnet50_b16": ("resnet50", 16),
     "bert_s128_b1": ("bert", 1),
     "bert_s128_b8": ("bert", 8),
@@ -30,8 +32,10 @@ WORKLOADS = {  # name -> (model, batch)
     "mlp_b64": ("mlp", 64),
 }
 ISSUE2 = ("resnet50_b1", "bert_s128_b1")
+INT8 = ("resnet50_b4", "bert_s128_b8")  # ResNet calibrated on 4 random batches; BERT (token ids) dynamic
 # Targets from the core issue (measured against eager fp32 and the hand-written torch.compile bf16).
 TARGETS = {"resnet50_b1": (2.5, 0.95), "bert_s128_b1": (2.4, 0.95)}
+INT8_TARGET, INT8_MAX_ERR, INT8_MIN_COSINE = 1.3, 0.1, 0.99  # int8 vs cpuboost bf16; accuracy vs eager fp32
 
 
 def summary(results: list[BenchResult]) -> list[str]:
@@ -71,6 +75,22 @@ def issue2_check(result: BenchResult, key: str) -> str:
             f"Fastest path here: {best.label} ({_x(result.speedup(best.name))}).")
 
 
+def int8_check(result: BenchResult, key: str) -> str:
+    """Issue 15's bar: int8 >= 1.3x cpuboost bf16 in the same run, within 0.1 max error and 0.99 cosine."""
+    int8 = result.path("cpuboost_int8")
+    if int8 is None or not int8.timed:
+        return f"{key}: cpuboost int8 did not run ({int8.status + ': ' + int8.reason if int8 else 'not selected'})"
+    ratio = result.speedup("cpuboost_int8", "cpuboost_bf16")
+    acc = int8.accuracy
+    top1 = f", top-1 agreement {acc['top1_agreement']:.3f}" if "top1_agreement" in acc else ""
+    ok = ratio >= INT8_TARGET and acc.get("max_err", 1) <= INT8_MAX_ERR and acc.get("cosine", 0) >= INT8_MIN_COSINE
+    return (f"{key}: cpuboost int8 = {_x(ratio)} cpuboost bf16 (target >= {INT8_TARGET}x), "
+            f"{_x(result.speedup('cpuboost_int8', 'compile_bf16'))} hand-written torch.compile bf16, "
+            f"{_x(result.speedup('cpuboost_int8'))} eager fp32; vs eager fp32 max_err {acc.get('max_err', float('nan')):.3f}"
+            f" (<= {INT8_MAX_ERR}), cosine {acc.get('cosine', float('nan')):.4f} (>= {INT8_MIN_COSINE}){top1}; "
+            f"{int8.note.split(' (')[0]}: {'met' if ok else 'NOT met'}.")
+
+
 def _x(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.2f}x"
 
@@ -80,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("workloads", nargs="*", metavar="WORKLOAD",
                         help=f"any of {', '.join(WORKLOADS)} (default: the issue-2 pair)")
     parser.add_argument("--suite", action="store_true", help="all workloads above")
+    parser.add_argument("--int8", action="store_true", help="issue-15 check: int8 paths on ResNet-50 b4, BERT s128 b8")
     parser.add_argument("--paths", default=None, help="paths/groups (default: issue2 for the issue-2 pair, "
                                                       "all for the suite); see `cpuboost bench --list-paths`")
     parser.add_argument("--rounds", type=int, default=10)
@@ -91,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [w for w in args.workloads if w not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
-    chosen = list(WORKLOADS) if args.suite else (args.workloads or list(ISSUE2))
-    paths = args.paths or ("all" if args.suite else "issue2")
-    name = args.name or ("suite" if args.suite else "issue2" if chosen == list(ISSUE2) else "-".join(chosen))
+    chosen = list(WORKLOADS) if args.suite else (args.workloads or list(INT8 if args.int8 else ISSUE2))
+    paths = args.paths or ("all" if args.suite else "int8" if args.int8 else "issue2")
+    name = args.name or ("suite" if args.suite else "int8" if args.int8 and not args.workloads else
+                         "issue2" if chosen == list(ISSUE2) else "-".join(chosen))
     plot = True
     try:
         benchplot.require_matplotlib()
@@ -126,6 +148,8 @@ def _finish(results: list[BenchResult], chosen: list[str], out: str, name: str, 
     lines = summary(results)
     checks = [issue2_check(r, key) for r, key in zip(results, chosen) if key in TARGETS
               and r.path("cpuboost_bf16") is not None and r.path("compile_bf16") is not None]
+    checks += [int8_check(r, key) for r, key in zip(results, chosen)
+               if r.path("cpuboost_int8") is not None and r.path("cpuboost_bf16") is not None]
     stem = os.path.join(out, f"inference-{name}")
     with open(stem + ".md", "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines + [""] + checks) + "\n")

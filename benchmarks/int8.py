@@ -1,6 +1,7 @@
 """int8 vs bf16-compiled vs eager fp32, interleaved in one process.
 
     python benchmarks/int8.py [--models resnet,bert] [--reps 12] [--extra]
+    python benchmarks/int8.py --warm [--models resnet,bert]   # restarted process: cold vs warm first answer
 
 ResNet-50 (transformers ResNetForImageClassification, random weights) b4 224x224 with 4 calibration batches
 (static int8), BERT-base (BertModel) s128 b8 without calibration (dynamic int8). Per model: each path
@@ -10,18 +11,26 @@ per-round ratios bf16/path ("paired", the most robust number on a noisy machine)
 max|diff|/max|ref| and cosine over every floating output, top-1 agreement for logits.
 --extra adds, for BERT, the int8 alternatives measured to choose the scheme: torchao dynamic (per-token
 scales, scheme="dynamic_torchao"), and static PT2E calibrated on the example input alone.
+--warm times, for each model, cpuboost.optimize(dtype="int8") to its first answer in two fresh processes
+sharing one new cache folder: "cold" (race, calibrate, AOTInductor into the cache) then "warm" (the decision
+and the int8 graph loaded, verified once, no calibration or compile).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, "/work/main")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 from cpuboost.backends import int8  # noqa: E402
 
 
@@ -65,12 +74,52 @@ def workloads(names):
         yield "BERT-base s128 b8", model, (), {"input_ids": ids}, None
 
 
+WARM_CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch, cpuboost
+from cpuboost.bench import workloads
+wl = workloads.load({spec!r}, {batch})
+began = time.perf_counter()
+model = cpuboost.optimize(wl.model, dtype="int8", calibration=wl.calibration(), cache_dir={cache!r})
+with torch.no_grad():
+    wl.call(model)
+first = time.perf_counter() - began
+graph = cpuboost.explain(model).graphs[-1]
+print(json.dumps({{"first": first, "import_and_model": began - t0, "served": f"{{graph.path}} {{graph.dtype}}",
+                   "events": [e for e in cpuboost.explain(model).events if "persistent" in e]}}))
+"""
+
+
+def warm(names) -> None:
+    specs = {"resnet": ("resnet50", 4), "bert": ("bert", 8)}
+    for name in names:
+        spec, batch = specs[name]
+        cache = tempfile.mkdtemp(prefix="cpuboost-int8-warm-")
+        rows = {}
+        for scenario in ("cold", "warm"):
+            env = {k: v for k, v in os.environ.items() if k != "CPUBOOST_CACHE_DIR"}
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+            proc = subprocess.run([sys.executable, "-c", WARM_CHILD.format(spec=spec, batch=batch, cache=cache)],
+                                  capture_output=True, text=True, env=env, timeout=1800)
+            if proc.returncode != 0:
+                raise SystemExit(proc.stderr[-3000:])
+            rows[scenario] = json.loads(proc.stdout.strip().splitlines()[-1])
+        cold, hot = rows["cold"], rows["warm"]
+        print(f"{spec} b{batch} int8: cold first answer {cold['first']:.1f} s ({cold['served']}), warm "
+              f"{hot['first']:.1f} s ({hot['served']}; {hot['first'] / cold['first']:.2f}x), "
+              f"import + model {hot['import_and_model']:.1f} s; {'; '.join(hot['events'])}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="resnet,bert")
     parser.add_argument("--reps", type=int, default=12)
     parser.add_argument("--extra", action="store_true")
+    parser.add_argument("--warm", action="store_true", help="cold vs warm first answer in fresh processes")
     opts = parser.parse_args()
+    if opts.warm:
+        return warm(opts.models.split(","))
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
     for title, model, args, kwargs, calibration in workloads(opts.models.split(",")):

@@ -81,6 +81,10 @@ def _build(path: BenchPath, wl: Workload, reference: Any) -> tuple[Optional[Call
     result.build_s = time.perf_counter() - started
     verdict = verify.compare(reference, out, DTYPES[path.dtype])
     result.max_rel_err, result.tolerance = verdict.error, verdict.tolerance
+    if path.dtype == "int8":  # int8 has no eager twin: its accuracy is part of the result, stated beside speed
+        from ..backends.int8.accuracy import accuracy
+
+        result.accuracy = {k: v for k, v in accuracy(reference, out).items() if k != "problem"}
     if not verdict.ok:
         result.reason = f"output differs from eager fp32: {verdict}"
         log.warning("%s: %s", path.label, result.reason)
@@ -138,7 +142,8 @@ def run(wl: Workload | str, paths: Iterable[BenchPath | str] | str = "default", 
     if bar is not None:
         bar.close()
     dtypes = {r.dtype for _, r, _ in built}
-    peaks = {name: gemm_peak(DTYPES[name]) for name in DTYPES if name in dtypes} if measure_peak else {}
+    peaks = ({name: gemm_peak(DTYPES[name]) for name in DTYPES if name in dtypes and name != "int8"}
+             if measure_peak else {})
     log.info("timing %d paths in %d interleaved rounds (about %.0f s)", len(built), rounds, seconds * rounds)
     load_before = _load_average()
     bar = _progress(rounds, f"timing {wl.name}", progress)

@@ -18,7 +18,7 @@ log = logging.getLogger("cpuboost.bench")
 
 # A build turns (model, workload) into a callable taking the workload's inputs; it must not modify the model.
 Build = Callable[[nn.Module, Workload], Callable[..., Any]]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 
 
 class UnknownPathError(CpuBoostError, ValueError):
@@ -33,7 +33,7 @@ def _always() -> Optional[str]:
 class BenchPath:
     name: str
     build: Build
-    dtype: str  # "fp32" | "bf16" | "fp16": the precision the heavy ops run in
+    dtype: str  # "fp32" | "bf16" | "fp16" | "int8": the precision the heavy ops run in
     label: str  # what a reader sees in tables and charts
     available: Callable[[], Optional[str]] = _always  # None, or why it cannot run here
     compiles: bool = False  # its first call builds a graph (seconds to minutes)
@@ -134,6 +134,24 @@ def _cpuboost(dtype: str, fusion: bool) -> Build:
     return build
 
 
+def _cpuboost_int8(model: nn.Module, wl: Workload) -> Callable:
+    """cpuboost int8: static with 4 calibration batches where the inputs are floating, dynamic otherwise."""
+    import cpuboost
+
+    optimized = cpuboost.optimize(model, dtype="int8", calibration=wl.calibration())
+    with torch.no_grad():
+        wl.call(optimized)
+    return optimized
+
+
+def _int8_available() -> Optional[str]:
+    from ..machine.hardware import detect
+
+    if importlib.util.find_spec("torchao") is None:
+        return "torchao is not installed (pip install 'cpuboost[int8]')"
+    return None if detect().has_cxx_compiler else "no C++ compiler: int8 graphs need Inductor"
+
+
 def _cpuboost_describe(optimized: Any) -> str:
     import cpuboost
 
@@ -186,6 +204,8 @@ def _register_builtins() -> None:
                       label=f"cpuboost {dtype}", describe=_cpuboost_describe)
         register_path(f"cpuboost_{dtype}_nofusion", _cpuboost(dtype, False), dtype=dtype,
                       label=f"cpuboost {dtype} fusion=False", describe=_cpuboost_describe)
+    register_path("cpuboost_int8", _cpuboost_int8, dtype="int8", compiles=True, available=_int8_available,
+                  label="cpuboost int8", describe=_cpuboost_describe)
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         register_path(f"openvino_convert_{name}", _openvino_convert(dtype), dtype=name, compiles=True,
                       available=_openvino_available, label=f"OpenVINO convert_model {name}",
@@ -203,6 +223,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "issue2": ("eager_fp32", "eager_bf16", "cpuboost_fp32", "cpuboost_bf16", "compile_fp32", "compile_bf16"),
     "eager": ("eager_fp32", "eager_bf16"),
     "fast": ("eager_fp32", "eager_bf16", "cpuboost_fp32_nofusion", "cpuboost_bf16_nofusion"),
+    # int8 against what it must beat: cpuboost bf16 (the issue's bar) and the hand-written bf16 compile
+    "int8": ("eager_fp32", "cpuboost_bf16", "cpuboost_int8", "compile_bf16"),
 }
 GROUPS["default"] = GROUPS["issue2"] + ("peers",)
 GROUPS["all"] = ("eager_fp32", "eager_bf16", "cpuboost_fp32", "cpuboost_bf16", "cpuboost_fp32_nofusion",

@@ -10,7 +10,7 @@ import math
 from .results import BenchResult
 from ..errors import CpuBoostError
 
-COLORS = {"fp32": "#3b75af", "bf16": "#ef8636", "fp16": "#519e3e"}
+COLORS = {"fp32": "#3b75af", "bf16": "#ef8636", "fp16": "#519e3e", "int8": "#8e44ad"}
 
 
 class PlotUnavailableError(CpuBoostError, ImportError):

@@ -25,6 +25,7 @@ class PathResult:
     max_rel_err: Optional[float] = None  # vs eager fp32, max|diff| / max|eager|
     tolerance: Optional[float] = None
     samples_s: list[float] = dataclasses.field(default_factory=list)  # seconds per call, one per round
+    accuracy: dict = dataclasses.field(default_factory=dict)  # int8: max_err, cosine, top1_agreement vs eager
 
     @property
     def timed(self) -> bool:
@@ -121,6 +122,9 @@ class BenchResult:
                 out.append([p.label, p.status, "", "", "", "", "", "", "", p.reason])
                 continue
             err = "" if p.max_rel_err is None else f"{p.max_rel_err:.1e}"
+            if p.accuracy:
+                err += f" (cos {p.accuracy['cosine']:.4f}" + (
+                    f", top-1 {p.accuracy['top1_agreement']:.2f})" if "top1_agreement" in p.accuracy else ")")
             notes = "; ".join(x for x in (p.note, p.reason) if x)
             out.append([
                 p.label, f"{p.median_s * 1e3:.2f}", f"±{p.spread * 100:.1f}%", f"{self.speedup(p.name):.2f}x",

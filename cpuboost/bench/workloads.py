@@ -37,6 +37,22 @@ class Workload:
     def call(self, fn: Callable[..., Any]) -> Any:
         return fn(*self.args, **self.kwargs)
 
+    def calibration(self, batches: int = 4, seed: int = 100) -> Optional[list]:
+        """int8 calibration inputs shaped like this call: fresh random floating inputs (images, features),
+        other inputs as they are. None when no input is floating (token ids): int8 is then dynamic."""
+        floats = [t for t in (*self.args, *self.kwargs.values()) if isinstance(t, torch.Tensor)
+                  and t.is_floating_point()]
+        if not floats:
+            return None
+        gen = torch.Generator().manual_seed(seed)
+
+        def fresh(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                return torch.randn(value.shape, generator=gen, dtype=value.dtype)
+            return value
+        return [(tuple(fresh(a) for a in self.args), {k: fresh(v) for k, v in self.kwargs.items()})
+                for _ in range(batches)]
+
 
 def _transformers(name: str):
     if importlib.util.find_spec("transformers") is None:
