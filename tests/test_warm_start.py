@@ -84,3 +84,38 @@ def test_save_and_load_round_trip(tmp_path):
     loaded = cpuboost.load(path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+class Pointwise(torch.nn.Module):
+    """Thirty elementwise ops on a large tensor: eager walks memory thirty times, Inductor once, so the
+    Inductor rung wins its race by far on any CPU. Counts its eager calls (copies share the class)."""
+
+    calls = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(1.001))
+
+    def forward(self, x):
+        type(self).calls += 1
+        for _ in range(10):
+            x = torch.tanh(x * self.scale + 0.01) * 1.5
+        return x
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_warm_start_calls_eager_once(tmp_path, dtype):
+    """A decision from the persistent cache is verified against the one eager call that makes the reference
+    (its time is the race, eager autocast's error is stored with the decision): no more eager calls."""
+    x = torch.randn(256, 4096)
+    first = cpuboost.optimize(Pointwise().eval(), dtype=dtype, backend="native", cache_dir=str(tmp_path))
+    expected = first(x)
+    record = cpuboost.explain(first).graphs[-1]
+    assert record.path == "inductor", str(cpuboost.explain(first))
+    Pointwise.calls = 0
+    again = cpuboost.optimize(Pointwise().eval(), dtype=dtype, backend="native", cache_dir=str(tmp_path))
+    torch.testing.assert_close(again(x), expected, rtol=0, atol=0)
+    assert Pointwise.calls == 1, Pointwise.calls
+    report = cpuboost.explain(again)
+    assert any("decision from the persistent cache" in e for e in report.events), report.events
+    assert report.graphs[-1].path == "inductor" and report.graphs[-1].verification.startswith("ok")

@@ -53,8 +53,12 @@ def _first_line(exc: BaseException) -> str:
 def climb(stages: list[list[Rung]], args: tuple, kwargs: dict, *, reference: Any,
           yardstick: Callable[[torch.dtype], Any], eager: Callable[..., Any], tolerance: Optional[float],
           budget: float, verify_outputs: bool, signature: str,
-          decided: Optional[str] = None) -> tuple[Optional[Winner], list[RungRecord]]:
-    """Try the rungs in order; return the winner (None: eager serves) and a record of every rung."""
+          decided: Optional[str] = None, warm: Optional[dict] = None) -> tuple[Optional[Winner], list[RungRecord]]:
+    """Try the rungs in order; return the winner (None: eager serves) and a record of every rung.
+
+    ``warm``: what an earlier process measured for the ``decided`` rung (``eager_ms`` of this call's reference,
+    ``yardstick_error`` of eager autocast), so a warm start verifies and times it without more eager calls.
+    """
     records: list[RungRecord] = []
     best: Optional[Winner] = None
     won_at = 0.0  # the budget counts from the first winner: the first build, however slow, never uses it up
@@ -73,7 +77,8 @@ def climb(stages: list[list[Rung]], args: tuple, kwargs: dict, *, reference: Any
                     bar.end(rung.name, "skipped (budget)")
                     continue
                 bar.start(rung.name, signature)
-                candidate = _try(rung, args, kwargs, reference, yardstick, eager, tolerance, verify_outputs)
+                candidate = _try(rung, args, kwargs, reference, yardstick, eager, tolerance, verify_outputs,
+                                 warm if warm and rung.name == decided else None)
                 records.append(candidate if isinstance(candidate, RungRecord) else candidate.record)
                 if isinstance(candidate, Winner):
                     won_at = won_at or time.perf_counter()
@@ -92,7 +97,8 @@ def climb(stages: list[list[Rung]], args: tuple, kwargs: dict, *, reference: Any
 
 
 def _try(rung: Rung, args: tuple, kwargs: dict, reference: Any, yardstick: Callable[[torch.dtype], Any],
-         eager: Callable[..., Any], tolerance: Optional[float], verify_outputs: bool) -> Winner | RungRecord:
+         eager: Callable[..., Any], tolerance: Optional[float], verify_outputs: bool,
+         warm: Optional[dict] = None) -> Winner | RungRecord:
     before = race.resident_mb()
     begin = time.perf_counter()
     try:
@@ -106,12 +112,16 @@ def _try(rung: Rung, args: tuple, kwargs: dict, reference: Any, yardstick: Calla
     measured = getattr(fn, "accuracy_summary", "")  # a backend's own measurement (int8: calibration batches)
     verdict = None
     if verify_outputs:
-        yard = yardstick(rung.dtype) if rung.dtype in (torch.bfloat16, torch.float16) else None
-        verdict = verify.compare(reference, out, rung.dtype, yard, tolerance)
+        low = rung.dtype in (torch.bfloat16, torch.float16)
+        known = (warm or {}).get("yardstick_error")
+        if low and known is not None:  # eager autocast's error, measured when this rung was decided
+            verdict = verify.compare(reference, out, rung.dtype, None, tolerance, yardstick_error=known)
+        else:
+            verdict = verify.compare(reference, out, rung.dtype, yardstick(rung.dtype) if low else None, tolerance)
         if not verdict.ok:
             return RungRecord(rung.name, "rejected: not accurate enough", seconds, str(verdict), accuracy=measured)
     try:
-        ms, eager_ms = race.against_eager(fn, eager, args, kwargs)
+        ms, eager_ms = race.against_eager(fn, eager, args, kwargs, eager_ms=(warm or {}).get("eager_ms"))
     except Exception as exc:  # a graph that answered once but not twice is not served
         return RungRecord(rung.name, f"failed on a second call: {_first_line(exc)}", seconds, accuracy=measured)
     error = str(verdict) if verdict else "not verified (verify=False)"

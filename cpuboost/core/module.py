@@ -168,7 +168,9 @@ class OptimizedModule(ModelProxy):
         family_key = signature.family_key(args, kwargs)
         shapes = signature.top_level_shapes(args, kwargs)
         family = self._cache.family(family_key)
+        begin = time.perf_counter()
         reference = self._reference(args, kwargs) if options.verify else None
+        reference_ms = (time.perf_counter() - begin) * 1e3 if reference is not None else None
         if torch.is_autocast_enabled("cpu"):  # answer in the dtype eager answers in under the caller's autocast
             template = verify.dtype_template(self._eager_original(*args, **kwargs))
         else:
@@ -194,7 +196,8 @@ class OptimizedModule(ModelProxy):
         winner, rungs = ladder.climb(
             stages, args, kwargs, reference=reference, yardstick=yardstick, eager=self._eager_original,
             tolerance=options.tolerance, budget=0.0 if prefer else options.tune_budget,
-            verify_outputs=options.verify, signature=sig, decided=prefer)
+            verify_outputs=options.verify, signature=sig, decided=prefer,
+            warm=self._warm.hints(found, prefer, reference_ms) if found is not None else None)
         record = GraphRecord(sig, "eager (original)", 0.0, "is the reference", rungs=rungs,
                              dynamic=", ".join(f"{w}:{d}" for w, d in dims.items()) if dims else "")
         if winner is None:
@@ -216,7 +219,8 @@ class OptimizedModule(ModelProxy):
         record.build_seconds = time.perf_counter() - started
         entry.example = (args, kwargs) if not dims else None
         if found is not None:
-            self._warm.remember(found, winner.rung.name if winner is not None else None)
+            yard = winner.verdict.yardstick if winner is not None and winner.verdict is not None else None
+            self._warm.remember(found, winner.rung.name if winner is not None else None, yard)
         self._report.add_graph(record)
         self._remember(family, family_key, shapes, key, entry, dims, winner)
         log.info("cpuboost: [%s] served by %s %s after %.1f s", sig, record.path, record.dtype, record.build_seconds)

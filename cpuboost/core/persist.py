@@ -61,8 +61,23 @@ class WarmStart:
         artifact = self.store.artifact_dir({**key, "weights": self._weights}) if self.store.writable else None
         return Lookup(self.store.get(key), key, artifact)
 
-    def remember(self, found: Lookup, rung: Optional[str]) -> None:
-        self.store.put(found.decision_key, {"rung": rung or "eager"})
+    def remember(self, found: Lookup, rung: Optional[str], yardstick_error: Optional[float] = None) -> None:
+        """The decision, with eager autocast's error on this signature (a warm start verifies against it
+        instead of running eager autocast again)."""
+        if yardstick_error is None and found.decision is not None and found.decision.get("rung") == rung:
+            yardstick_error = found.decision.get("yardstick_error")
+        decision: dict = {"rung": rung or "eager"}
+        if yardstick_error is not None:
+            decision["yardstick_error"] = yardstick_error
+        self.store.put(found.decision_key, decision)
+
+    @staticmethod
+    def hints(found: Optional[Lookup], prefer: Optional[str], reference_ms: Optional[float]) -> Optional[dict]:
+        """What the decided rung needs no eager call for: this call's eager time (its reference was timed) and
+        the stored yardstick error; None unless the rung to try first came from the persistent cache."""
+        if found is None or found.decision is None or found.decision.get("rung") != prefer:
+            return None
+        return {"eager_ms": reference_ms, "yardstick_error": found.decision.get("yardstick_error")}
 
 
 def inductor_artifact(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype, folder: Path,

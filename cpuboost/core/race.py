@@ -18,8 +18,15 @@ def _ms(fn: Callable, args: tuple, kwargs: dict) -> float:
 
 
 def against_eager(candidate: Callable, eager: Callable, args: tuple, kwargs: dict,
-                  rounds: int = ROUNDS) -> tuple[float, float]:
-    """(candidate ms, eager ms): medians of interleaved calls; each side has run once already."""
+                  rounds: int = ROUNDS, eager_ms: float | None = None) -> tuple[float, float]:
+    """(candidate ms, eager ms): medians of interleaved calls; each side has run once already.
+
+    ``eager_ms``: eager's time measured already (the verification call of a warm start, whose rung an earlier
+    process raced in full): only the candidate is timed, against it.
+    """
+    if eager_ms is not None:
+        with torch.no_grad():
+            return statistics.median(_ms(candidate, args, kwargs) for _ in range(rounds)), eager_ms
     mine, theirs = [], []
     with torch.no_grad():
         for i in range(rounds):
