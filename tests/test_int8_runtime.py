@@ -63,7 +63,8 @@ def test_optimize_int8_serves_verified_reports_calibration_accuracy_and_warm_sta
     before = snapshot(net)
     x = torch.randn(64, 512)
     calibration = [(torch.randn(64, 512),) for _ in range(3)]
-    model = cpuboost.optimize(net, dtype="int8", calibration=calibration, cache_dir=str(tmp_path), tune_budget=0)
+    model = cpuboost.optimize(net, dtype="int8", calibration=calibration, cache_dir=str(tmp_path), tune_budget=0,
+                              backend="native")  # the Inductor int8 rung (the one persisted) first
     out = model(x)
 
     assert_unchanged(net, before)
@@ -81,7 +82,8 @@ def test_optimize_int8_serves_verified_reports_calibration_accuracy_and_warm_sta
     meta = json.loads(graphs[0].with_suffix(".json").read_text())
     assert meta["int8_scheme"] == "static" and meta["int8_accuracy"]["inputs"] == 4 and meta["dtype"] == "int8"
 
-    again = cpuboost.optimize(mlp(), dtype="int8", calibration=calibration, cache_dir=str(tmp_path), tune_budget=0)
+    again = cpuboost.optimize(mlp(), dtype="int8", calibration=calibration, cache_dir=str(tmp_path), tune_budget=0,
+                              backend="native")
     torch.testing.assert_close(again(x), out, rtol=0, atol=0)
     detail = next(p.detail for p in cpuboost.explain(again).passes if p.name == "int8")
     assert "loaded from the persistent cache" in detail and "int8 quantize" not in detail, detail
@@ -135,6 +137,29 @@ def test_int8_outside_the_demanded_tolerance_is_refused_and_not_kept(tmp_path):
     with pytest.raises(QuantizationError, match=r"outside int8's bound .*max_err .* > 1e-07"):
         int8.build(net, (x,), {}, [(torch.randn(8, 64),)], artifact_dir=tmp_path, tolerance=1e-7)
     assert not list(tmp_path.rglob("int8.pt2"))
+
+
+@pytest.mark.slow
+def test_openvino_int8_rung_is_static_judged_on_calibration_and_leaves_the_model_alone():
+    """OpenVINO's int8 (PT2E with FakeQuantize weights): close to fp32 on the example and every batch, eager's
+    output structure, the caller's model and input untouched; without calibration it declines."""
+    pytest.importorskip("openvino")
+    from cpuboost.backends.int8 import via_openvino
+
+    net = conv_net()
+    before = snapshot(net)
+    x = torch.randn(2, 3, 16, 16)
+    kept = x.clone()
+    notes: list[str] = []
+    run = via_openvino.build(net, (x,), {}, [(torch.randn(2, 3, 16, 16),) for _ in range(2)], notes.append)
+    out = run(x)
+    assert type(out) is torch.Tensor and out.dtype == torch.float32 and torch.equal(x, kept)
+    with torch.no_grad():
+        own_accuracy(net(x), out)
+    assert_unchanged(net, before)
+    assert "2 calibration batch(es)" in run.accuracy_summary and "OpenVINO" in run.accuracy_summary
+    with pytest.raises(NotImplementedError, match="static only"):
+        via_openvino.build(net, (x,), {}, None, notes.append)
 
 
 # ------------------------------------------------------------------ no compiler

@@ -159,8 +159,11 @@ def _why(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else text}"[:300]
 
 
-def _convert(flat: _Flat, example: tuple, input_spec: list) -> Any:
+def _convert(flat: _Flat, example: tuple, input_spec: list, via_export: bool = False) -> Any:
     import openvino as ov
+
+    if via_export:  # PT2E int8 graphs: the FX frontend knows their quantize/dequantize ops, TorchScript does not
+        return ov.convert_model(torch.export.export(flat, example, strict=False))
 
     try:  # our own decoder: same trace as convert_model's, minus the re-run that checks it (~20% of convert)
         from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
@@ -267,7 +270,8 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
 
 
-def _probe(model, fn: OpenVINOCallable, dtype, dynamic_dims, inputs: _Inputs, out_leaves, out_spec, note) -> None:
+def _probe(model, fn: OpenVINOCallable, dtype, dynamic_dims, inputs: _Inputs, out_leaves, out_spec, note,
+           tolerance: float | None = None) -> None:
     """Run eager and OpenVINO on a second input; refuse a trace that specialised on the example."""
     reference, error = None, None
     for grow in ((False, True) if dynamic_dims else (False,)):
@@ -293,7 +297,7 @@ def _probe(model, fn: OpenVINOCallable, dtype, dynamic_dims, inputs: _Inputs, ou
             raise OpenVINOBuildError(f"the model returns a Python value that changes with the input ({seen!r} then "
                                      f"{ref!r}); OpenVINO would return the traced one")
     got = pytree.tree_leaves(fn(*p_args, **p_kwargs))
-    tolerance = _PROBE_TOLERANCE.get(dtype, 1e-1)
+    tolerance = tolerance if tolerance is not None else _PROBE_TOLERANCE.get(dtype, 1e-1)
     for i, (ref, out) in enumerate(zip([x for x in ref_leaves if isinstance(x, torch.Tensor)],
                                        [x for x in got if isinstance(x, torch.Tensor)])):
         if ref.shape != out.shape:
@@ -308,12 +312,15 @@ def _probe(model, fn: OpenVINOCallable, dtype, dynamic_dims, inputs: _Inputs, ou
 
 
 def build(model: torch.nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype, note: Callable[[str], None],
-          dynamic_dims: dict | None = None, cache_dir: str | None = None) -> Callable[..., Any]:
+          dynamic_dims: dict | None = None, cache_dir: str | None = None,
+          via_export: bool = False, probe_tolerance: float | None = None) -> Callable[..., Any]:
     """Convert ``model`` for the call ``model(*args, **kwargs)`` and compile it for the CPU in ``dtype``.
 
     The returned callable takes the same arguments and returns eager's output structure and dtypes.
     ``dynamic_dims`` ({position or keyword name: [dims]}) leaves those dims dynamic; otherwise every shape
-    is static. Raises (first line says why) where a faithful graph cannot be built.
+    is static. ``via_export``: convert through torch.export (static shapes; int8 q/dq graphs) instead of
+    tracing; ``probe_tolerance``: how far the second-input check may stray from ``model`` (default by dtype;
+    an int8 graph against its simulated-int8 eager twin rounds differently). Raises (first line says why) where a faithful graph cannot be built.
     """
     if dtype not in _PRECISION:
         raise ValueError(f"OpenVINO backend takes dtype float32, bfloat16 or float16, not {dtype}")
@@ -342,7 +349,7 @@ def build(model: torch.nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype,
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         try:
-            ov_model = _convert(flat, inputs.example(), input_spec)
+            ov_model = _convert(flat, inputs.example(), input_spec, via_export and not dynamic_dims)
         except Exception as exc:
             raise OpenVINOBuildError(f"conversion failed: {_why(exc)}") from exc
     converted = time.perf_counter()
@@ -369,7 +376,7 @@ def build(model: torch.nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype,
     del ov_model, flat
 
     fn = OpenVINOCallable(compiled, inputs, out_spec, out_leaves, weight_bytes)
-    _probe(model, fn, dtype, dynamic_dims, inputs, out_leaves, out_spec, note)
+    _probe(model, fn, dtype, dynamic_dims, inputs, out_leaves, out_spec, note, probe_tolerance)
     inputs.forget_example()
     tracer = [str(w.message).splitlines()[0] for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
     note(f"OpenVINO {ov.get_version().split('-')[0]}, precision {actual}, latency hint, "

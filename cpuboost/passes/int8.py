@@ -22,6 +22,34 @@ def build_int8(model: nn.Module, args: tuple, kwargs: dict, ctx: PassContext) ->
                       tolerance=ctx.options.tolerance)
 
 
+def build_openvino_int8(model: nn.Module, args: tuple, kwargs: dict, ctx: PassContext) -> Callable:
+    """Static int8 (calibration given) converted by OpenVINO: its own int8 kernels, a build of seconds."""
+    from ..backends.int8 import via_openvino
+
+    if ctx.dynamic_dims:
+        raise NotImplementedError(f"the int8 graph is built static; it drops out for dynamic dims {ctx.dynamic_dims}")
+    precision = torch.bfloat16 if ctx.hardware.native(torch.bfloat16) else torch.float32
+    return via_openvino.build(model, args, kwargs, ctx.options.calibration, ctx.note, precision,
+                              ctx.options.tolerance)
+
+
+def _openvino_int8_wanted(ctx: PlanContext) -> Optional[str]:
+    from ..backends import openvino_availability
+
+    if ctx.options.dtype != torch.int8:
+        return "dtype is not int8"
+    if ctx.options.backend not in ("auto", "openvino"):
+        return f"backend={ctx.options.backend!r}"
+    if ctx.options.calibration is None:
+        return "no calibration data: OpenVINO int8 is static only (the Inductor int8 rung quantizes dynamically)"
+    verdict = openvino_availability()
+    if not verdict.usable:
+        return verdict.reason
+    from ..backends import int8
+
+    return int8.quantizable(ctx.model)
+
+
 def _int8_wanted(ctx: PlanContext) -> Optional[str]:
     if ctx.options.dtype != torch.int8:
         return "dtype is not int8"
@@ -37,3 +65,5 @@ def _int8_wanted(ctx: PlanContext) -> Optional[str]:
 def register() -> None:
     register_pass(build_int8, name="int8", kind="graph", modes="infer", before="inductor",
                   available=_int8_wanted, dtypes=(torch.int8,))
+    register_pass(build_openvino_int8, name="openvino_int8", kind="graph", modes="infer", before="int8",
+                  available=_openvino_int8_wanted, dtypes=(torch.int8,))

@@ -52,7 +52,7 @@ from ...errors import (
 )
 from ..inductor import RecompileRefused
 from . import packaged
-from .accuracy import accuracy, cast_like, combine, describe, dtype_template, judge
+from .accuracy import accuracy, cast_like, combine, describe, dtype_template, judge, measure
 from .calibration import check_calibration
 from .quantize import (
     DESCRIBE,
@@ -176,10 +176,7 @@ def build(model: nn.Module, args: tuple, kwargs: dict, calibration: list | None,
     runner, output, how, persisted = _compile_any(quantized, args, kwargs, reference, scheme, patches,
                                                   len(batches), artifact_dir, note)
     note(f"int8 compile ({how}): {time.perf_counter() - started:.1f} s")
-    measured = [accuracy(reference, output)] + [accuracy(ref, runner(*a, **k))
-                                                 for ref, (a, k) in zip(references, batches)]
-    got = combine(measured)
-    where = f"the example input and {len(batches)} calibration batch(es)" if batches else "the example input"
+    got, where = measure(runner, output, reference, references, batches)
     summary = f"int8 {scheme} vs eager fp32 on {where}: {describe(got)}"
     note(summary)
     problem = judge(got, tolerance)

@@ -82,6 +82,15 @@ def combine(results: list[dict]) -> dict:
     return merged
 
 
+def measure(runner: Any, output: Any, reference: Any, references: list, batches: list) -> tuple[dict, str]:
+    """The int8 graph against eager fp32 on the example (its ``output`` there) and on every calibration batch:
+    the combined numbers and, in words, what they were measured on."""
+    results = [accuracy(reference, output)] + [accuracy(ref, runner(*a, **k)) for ref, (a, k) in
+                                                zip(references, batches)]
+    where = f"the example input and {len(batches)} calibration batch(es)" if batches else "the example input"
+    return combine(results), where
+
+
 def describe(result: dict) -> str:
     top1 = f", top-1 agreement {result['top1_agreement']:.3f}" if "top1_agreement" in result else ""
     return f"max_err {result['max_err']:.3g}, cosine {result['cosine']:.5f}{top1}"

@@ -34,9 +34,11 @@ def _x86_quantizer_module():
     return xiq
 
 
-def _pt2e(model: nn.Module, args: tuple, kwargs: dict, batches: list) -> nn.Module:
+def _pt2e(model: nn.Module, args: tuple, kwargs: dict, batches: list, fold_weights: bool = True) -> nn.Module:
     """Export, annotate with the x86 Inductor quantizer, calibrate on ``batches``, convert to q/dq form.
-    No batches: the dynamic config, run once on the example so the weight observers see the weights."""
+    No batches: the dynamic config, run once on the example so the weight observers see the weights.
+    ``fold_weights=False`` keeps each weight fp32 behind its own quantize/dequantize pair, the FakeQuantize
+    pattern OpenVINO's converter turns into int8 kernels (folded int8 weights it cannot convert)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     xiq = _x86_quantizer_module()
@@ -45,7 +47,7 @@ def _pt2e(model: nn.Module, args: tuple, kwargs: dict, batches: list) -> nn.Modu
     prepared = prepare_pt2e(exported, xiq.X86InductorQuantizer().set_global(config))
     for a, k in batches or [(tuple(args), dict(kwargs))]:
         prepared(*a, **k)
-    return convert_pt2e(prepared)
+    return convert_pt2e(prepared, fold_quantize=fold_weights)
 
 
 def _torchao(model: nn.Module, scheme: str) -> nn.Module:
