@@ -43,6 +43,15 @@ class Winner:
     eager_ms: float
     memory_mb: float
     record: RungRecord
+    versus: str = ""  # the last side-by-side timing against the rung holding the lead, for the report
+
+
+def _beats(challenger: Winner, holder: Winner, args: tuple, kwargs: dict) -> bool:
+    """Whether the new verified rung is faster than the one holding the lead, timed side by side."""
+    mine, theirs = race.head_to_head(challenger.fn, holder.fn, args, kwargs)
+    challenger.versus = f" (side by side: {mine:.2f} ms against {theirs:.2f} ms)"
+    holder.versus = f" (side by side: {theirs:.2f} ms against {mine:.2f} ms)"
+    return mine < theirs
 
 
 def _first_line(exc: BaseException) -> str:
@@ -82,12 +91,12 @@ def climb(stages: list[list[Rung]], args: tuple, kwargs: dict, *, reference: Any
                 records.append(candidate if isinstance(candidate, RungRecord) else candidate.record)
                 if isinstance(candidate, Winner):
                     won_at = won_at or time.perf_counter()
-                    if best is None or candidate.ms / candidate.eager_ms < best.ms / best.eager_ms:
+                    if best is None or _beats(candidate, best, args, kwargs):
                         if best is not None:
-                            best.record.fate = f"verified but slower than {rung.name}"
+                            best.record.fate = f"verified but slower than {rung.name}{best.versus}"
                         best, candidate = candidate, best
                     if candidate is not None:
-                        candidate.record.fate = f"verified but slower than {best.rung.name}"
+                        candidate.record.fate = f"verified but slower than {best.rung.name}{candidate.versus}"
                         del candidate
                         gc.collect()  # a loser's graph goes before the next rung is built
                 bar.end(rung.name, records[-1].fate)

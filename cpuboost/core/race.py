@@ -38,6 +38,20 @@ def against_eager(candidate: Callable, eager: Callable, args: tuple, kwargs: dic
     return statistics.median(mine), statistics.median(theirs)
 
 
+def head_to_head(challenger: Callable, holder: Callable, args: tuple, kwargs: dict,
+                 rounds: int = 5) -> tuple[float, float]:
+    """(challenger ms, holder ms): medians of calls interleaved in alternating order. Two candidates each timed
+    against eager in its own window can swap places when the load changes in between; side by side, they
+    cannot."""
+    mine, theirs = [], []
+    with torch.no_grad():
+        for i in range(rounds):
+            pair = ((challenger, mine), (holder, theirs)) if i % 2 == 0 else ((holder, theirs), (challenger, mine))
+            for fn, into in pair:
+                into.append(_ms(fn, args, kwargs))
+    return statistics.median(mine), statistics.median(theirs)
+
+
 def resident_mb() -> float:
     """This process's resident memory in MiB (0 where /proc is missing)."""
     try:
