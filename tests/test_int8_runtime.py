@@ -162,6 +162,31 @@ def test_openvino_int8_rung_is_static_judged_on_calibration_and_leaves_the_model
         via_openvino.build(net, (x,), {}, None, notes.append)
 
 
+@pytest.mark.slow
+def test_openvino_int8_graph_is_kept_as_ir_and_loaded_without_quantizing(tmp_path):
+    """With a cache folder the OpenVINO int8 graph is kept as IR plus its accuracy; a second build loads it (no
+    calibration, no conversion) and answers the same; an entry whose sidecar is missing is built again."""
+    pytest.importorskip("openvino")
+    from cpuboost.backends.int8 import via_openvino
+
+    net = conv_net()
+    x = torch.randn(2, 3, 16, 16)
+    calibration = [(torch.randn(2, 3, 16, 16),) for _ in range(2)]
+    notes: list[str] = []
+    first = via_openvino.build(net, (x,), {}, calibration, notes.append, artifact_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["openvino_int8.bin", "openvino_int8.json",
+                                                          "openvino_int8.xml"]
+    notes.clear()
+    second = via_openvino.build(net, (x,), {}, calibration, notes.append, artifact_dir=tmp_path)
+    assert any("loaded from the persistent cache" in n for n in notes) and not any("quantize" in n for n in notes)
+    torch.testing.assert_close(second(x), first(x), rtol=1e-5, atol=1e-5)
+    assert "at build" in second.accuracy_summary
+    (tmp_path / "openvino_int8.json").unlink()
+    notes.clear()
+    via_openvino.build(net, (x,), {}, calibration, notes.append, artifact_dir=tmp_path)
+    assert any("quantize" in n for n in notes), notes
+
+
 # ------------------------------------------------------------------ no compiler
 
 

@@ -17,6 +17,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -311,16 +312,47 @@ def _probe(model, fn: OpenVINOCallable, dtype, dynamic_dims, inputs: _Inputs, ou
                                          "(data- or shape-dependent Python control flow)")
 
 
+def _compile(ov_model: Any, dtype: torch.dtype, cache_dir: str | None = None) -> tuple[Any, dict, str]:
+    config = {"INFERENCE_PRECISION_HINT": _PRECISION[dtype], "PERFORMANCE_HINT": "LATENCY",
+              "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    if cache_dir:
+        config["CACHE_DIR"] = str(cache_dir)
+    try:
+        compiled = _core().compile_model(ov_model, "CPU", config)
+    except Exception as exc:
+        raise OpenVINOBuildError(f"compile failed: {_why(exc)}") from exc
+    actual = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+    if actual != _PRECISION[dtype]:
+        raise OpenVINOBuildError(f"OpenVINO's CPU plugin would run {actual}, not {_PRECISION[dtype]}, on this CPU "
+                                 "(no native support for that precision)")
+    return compiled, config, actual
+
+
+def load(xml: Path, args: tuple, kwargs: dict, reference: Any, dtype: torch.dtype) -> Callable[..., Any]:
+    """A model ``build(..., save_to=xml)`` wrote, compiled again for this call (no conversion); ``reference``:
+    eager's output for the call, whose structure and dtypes the answers take."""
+    ov_model = _core().read_model(str(xml))
+    compiled, _, _ = _compile(ov_model, dtype)
+    out_leaves, out_spec = pytree.tree_flatten(reference)
+    weight_bytes = sum(op.get_byte_size() for op in ov_model.get_ops() if op.get_type_name() == "Constant")
+    inputs = _Inputs(tuple(args), dict(kwargs))
+    fn = OpenVINOCallable(compiled, inputs, out_spec, out_leaves, weight_bytes)
+    inputs.forget_example()
+    return fn
+
+
 def build(model: torch.nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype, note: Callable[[str], None],
           dynamic_dims: dict | None = None, cache_dir: str | None = None,
-          via_export: bool = False, probe_tolerance: float | None = None) -> Callable[..., Any]:
+          via_export: bool = False, probe_tolerance: float | None = None,
+          save_to: Path | None = None) -> Callable[..., Any]:
     """Convert ``model`` for the call ``model(*args, **kwargs)`` and compile it for the CPU in ``dtype``.
 
     The returned callable takes the same arguments and returns eager's output structure and dtypes.
     ``dynamic_dims`` ({position or keyword name: [dims]}) leaves those dims dynamic; otherwise every shape
     is static. ``via_export``: convert through torch.export (static shapes; int8 q/dq graphs) instead of
     tracing; ``probe_tolerance``: how far the second-input check may stray from ``model`` (default by dtype;
-    an int8 graph against its simulated-int8 eager twin rounds differently). Raises (first line says why) where a faithful graph cannot be built.
+    an int8 graph against its simulated-int8 eager twin rounds differently); ``save_to``: also write the
+    converted model there as OpenVINO IR (``.xml`` + ``.bin``), for ``load``. Raises (first line says why) where a faithful graph cannot be built.
     """
     if dtype not in _PRECISION:
         raise ValueError(f"OpenVINO backend takes dtype float32, bfloat16 or float16, not {dtype}")
@@ -360,19 +392,10 @@ def build(model: torch.nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype,
         port.get_tensor().set_names({name})
     weight_bytes = sum(op.get_byte_size() for op in ov_model.get_ops() if op.get_type_name() == "Constant")
 
-    config = {"INFERENCE_PRECISION_HINT": _PRECISION[dtype], "PERFORMANCE_HINT": "LATENCY",
-              "INFERENCE_NUM_THREADS": torch.get_num_threads()}
-    if cache_dir:
-        config["CACHE_DIR"] = str(cache_dir)
-    try:
-        compiled = _core().compile_model(ov_model, "CPU", config)
-    except Exception as exc:
-        raise OpenVINOBuildError(f"compile failed: {_why(exc)}") from exc
-    actual = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
-    if actual != _PRECISION[dtype]:
-        raise OpenVINOBuildError(f"OpenVINO's CPU plugin would run {actual}, not {_PRECISION[dtype]}, on this CPU "
-                                 "(no native support for that precision)")
+    compiled, config, actual = _compile(ov_model, dtype, cache_dir)
     compiled_at = time.perf_counter()
+    if save_to is not None:
+        ov.save_model(ov_model, str(save_to), compress_to_fp16=False)
     del ov_model, flat
 
     fn = OpenVINOCallable(compiled, inputs, out_spec, out_leaves, weight_bytes)

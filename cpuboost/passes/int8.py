@@ -30,7 +30,7 @@ def build_openvino_int8(model: nn.Module, args: tuple, kwargs: dict, ctx: PassCo
         raise NotImplementedError(f"the int8 graph is built static; it drops out for dynamic dims {ctx.dynamic_dims}")
     precision = torch.bfloat16 if ctx.hardware.native(torch.bfloat16) else torch.float32
     return via_openvino.build(model, args, kwargs, ctx.options.calibration, ctx.note, precision,
-                              ctx.options.tolerance)
+                              ctx.options.tolerance, artifact_dir=ctx.artifact_dir)
 
 
 def _openvino_int8_wanted(ctx: PlanContext) -> Optional[str]:
