@@ -189,6 +189,18 @@ def test_input_dependent_traces_are_refused(model, match):
         build(model, (x,), {}, torch.float32, lambda _: None)
 
 
+class SignBranch(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x * -5  # flipped and scaled, the values keep their sign
+
+
+def test_a_branch_on_the_sign_is_refused():
+    """The second-input check also negates floating inputs: a trace that froze ``x.sum() > 0`` never serves
+    (found through a threaded runtime test that got the other branch's answer)."""
+    with pytest.raises(OpenVINOBuildError, match="specialised"):
+        build(SignBranch().eval(), (torch.ones(2, 4),), {}, torch.float32, lambda _: None)
+
+
 def test_float16_not_native_is_refused_or_runs_f16():
     net, x = conv_net(), torch.randn(1, 3, 16, 16)
     try:

@@ -158,8 +158,9 @@ class OpenVINOCallable:
         return out if out.dtype == self.out_dtypes[i] else out.to(self.out_dtypes[i])
 
 
-def _probe_input(dynamic_dims: dict | None, inputs: _Inputs, grow: bool):
-    """A second valid-looking input: values flipped (floats also scaled), dynamic dims one shorter (or longer)."""
+def _probe_input(dynamic_dims: dict | None, inputs: _Inputs, grow: bool, negate: bool = False):
+    """A second valid-looking input: values flipped (floats also scaled, or negated), dynamic dims one shorter
+    (or longer)."""
     resized = {_key_name(key): {d % inputs.leaves[inputs.slots[inputs.names.index(_key_name(key))]].dim()
                                 for d in ([dims] if isinstance(dims, int) else dims)}
                for key, dims in (dynamic_dims or {}).items()}
@@ -168,7 +169,7 @@ def _probe_input(dynamic_dims: dict | None, inputs: _Inputs, grow: bool):
         t = inputs.leaves[slot]
         t = t.flip(list(range(t.dim()))) if t.dim() else t.clone()
         if t.is_floating_point():
-            t = t * 0.75
+            t = t * (-0.75 if negate else 0.75)
         for d in sorted(resized.get(name, ())):
             n = t.shape[d]
             t = torch.cat([t, t.narrow(d, n - 1, 1)], d) if grow or n == 1 else t.narrow(d, 0, n - 1)
@@ -189,10 +190,19 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _probe(model, fn: OpenVINOCallable, dtype, dynamic_dims, inputs: _Inputs, out_leaves, out_spec, note,
            tolerance: float | None = None) -> None:
-    """Run eager and OpenVINO on a second input; refuse a trace that specialised on the example."""
+    """Run eager and OpenVINO on other inputs; refuse a trace that specialised on the example. Floating inputs
+    are also tried negated: a branch on a sign (``if x.sum() > 0``) is the commonest one a trace freezes, and
+    values only flipped and scaled stay on the same side of it."""
+    _probe_one(model, fn, dtype, dynamic_dims, inputs, out_leaves, out_spec, note, tolerance, negate=False)
+    if any(inputs.leaves[slot].is_floating_point() for slot in inputs.slots):
+        _probe_one(model, fn, dtype, dynamic_dims, inputs, out_leaves, out_spec, note, tolerance, negate=True)
+
+
+def _probe_one(model, fn: OpenVINOCallable, dtype, dynamic_dims, inputs: _Inputs, out_leaves, out_spec, note,
+               tolerance: float | None, negate: bool) -> None:
     reference, error = None, None
     for grow in ((False, True) if dynamic_dims else (False,)):
-        p_args, p_kwargs = _probe_input(dynamic_dims, inputs, grow)
+        p_args, p_kwargs = _probe_input(dynamic_dims, inputs, grow, negate)
         try:
             with torch.no_grad():
                 reference = model(*p_args, **p_kwargs)
