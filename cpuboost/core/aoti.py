@@ -192,9 +192,12 @@ def compile_aoti(module: nn.Module, args: tuple, kwargs: dict, dtype: Union[str,
         os.close(fd)
         configs: dict[str, Any] = {"freezing": True}
         weight_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-        if weight_bytes > 1 << 20:  # weights beside the code, not inside the .so: loaded once (BERT-base bf16:
-            # +473 MiB resident against +900 MiB with the .so's mapped copy on top). Not for tiny models: an
-            # empty weights file (every constant folded into the code) does not load (mmap of 0 bytes).
+        import torch._inductor.config as inductor_config
+
+        on_disk = "aot_inductor.package_constants_on_disk_format" in inductor_config.get_config_copy()  # torch>=2.9
+        if weight_bytes > 1 << 20 and on_disk:  # weights beside the code, not inside the .so: loaded once
+            # (BERT-base bf16: +473 MiB resident against +900 MiB with the .so's mapped copy on top). Not for tiny
+            # models: an empty weights file (every constant folded into the code) does not load (mmap of 0 bytes).
             configs.update({"aot_inductor.package_constants_in_so": False,
                             "aot_inductor.package_constants_on_disk_format": "binary_blob"})
         if march is not None:
