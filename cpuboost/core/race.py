@@ -17,6 +17,21 @@ def _ms(fn: Callable, args: tuple, kwargs: dict) -> float:
     return (time.perf_counter() - begin) * 1e3
 
 
+def _interleaved(first: Callable, second: Callable, args: tuple, kwargs: dict, rounds: int,
+                 give_up: float | None = None) -> tuple[float, float]:
+    """Medians (ms) of ``first`` and ``second`` called in turn, the order alternating each round; with
+    ``give_up``, stop after one round when ``first`` took that many times ``second``'s time."""
+    mine, theirs = [], []
+    with torch.no_grad():
+        for i in range(rounds):
+            pair = ((first, mine), (second, theirs)) if i % 2 == 0 else ((second, theirs), (first, mine))
+            for fn, into in pair:
+                into.append(_ms(fn, args, kwargs))
+            if give_up is not None and mine[0] > give_up * theirs[0]:
+                break
+    return statistics.median(mine), statistics.median(theirs)
+
+
 def against_eager(candidate: Callable, eager: Callable, args: tuple, kwargs: dict,
                   rounds: int = ROUNDS, eager_ms: float | None = None) -> tuple[float, float]:
     """(candidate ms, eager ms): medians of interleaved calls; each side has run once already.
@@ -27,29 +42,14 @@ def against_eager(candidate: Callable, eager: Callable, args: tuple, kwargs: dic
     if eager_ms is not None:
         with torch.no_grad():
             return statistics.median(_ms(candidate, args, kwargs) for _ in range(rounds)), eager_ms
-    mine, theirs = [], []
-    with torch.no_grad():
-        for i in range(rounds):
-            pair = ((candidate, mine), (eager, theirs)) if i % 2 == 0 else ((eager, theirs), (candidate, mine))
-            for fn, into in pair:
-                into.append(_ms(fn, args, kwargs))
-            if mine[0] > HOPELESS * theirs[0]:
-                break
-    return statistics.median(mine), statistics.median(theirs)
+    return _interleaved(candidate, eager, args, kwargs, rounds, give_up=HOPELESS)
 
 
 def head_to_head(challenger: Callable, holder: Callable, args: tuple, kwargs: dict,
                  rounds: int = 5) -> tuple[float, float]:
-    """(challenger ms, holder ms): medians of calls interleaved in alternating order. Two candidates each timed
-    against eager in its own window can swap places when the load changes in between; side by side, they
-    cannot."""
-    mine, theirs = [], []
-    with torch.no_grad():
-        for i in range(rounds):
-            pair = ((challenger, mine), (holder, theirs)) if i % 2 == 0 else ((holder, theirs), (challenger, mine))
-            for fn, into in pair:
-                into.append(_ms(fn, args, kwargs))
-    return statistics.median(mine), statistics.median(theirs)
+    """(challenger ms, holder ms), interleaved. Two candidates each timed against eager in its own window can
+    swap places when the load changes in between; side by side, they cannot."""
+    return _interleaved(challenger, holder, args, kwargs, rounds)
 
 
 def resident_mb() -> float:
