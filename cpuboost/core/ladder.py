@@ -11,7 +11,6 @@ Once a rung has won, further rungs start only while the ``tune_budget`` (seconds
 from __future__ import annotations
 
 import dataclasses
-import gc
 import time
 from typing import Any, Callable, Optional
 
@@ -98,7 +97,7 @@ def climb(stages: list[list[Rung]], args: tuple, kwargs: dict, *, reference: Any
                     if candidate is not None:
                         candidate.record.fate = f"verified but slower than {best.rung.name}{candidate.versus}"
                         del candidate
-                        gc.collect()  # a loser's graph goes before the next rung is built
+                        race.release_memory()  # a loser's graph goes before the next rung is built
                 bar.end(rung.name, records[-1].fate)
     if best is not None:
         best.record.fate = "served"

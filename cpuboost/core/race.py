@@ -52,6 +52,23 @@ def head_to_head(challenger: Callable, holder: Callable, args: tuple, kwargs: di
     return _interleaved(challenger, holder, args, kwargs, rounds)
 
 
+def release_memory() -> None:
+    """Collect a freed graph and hand the heap's free pages back to the system (glibc ``malloc_trim``), so
+    a losing rung does not stay in the resident set (BERT-base: ~100 MiB more returned than gc alone)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): gc alone
+        trim = None
+    if trim is not None:
+        trim(0)
+
+
 def resident_mb() -> float:
     """This process's resident memory in MiB (0 where /proc is missing)."""
     try:
