@@ -1,6 +1,7 @@
 """Timing a candidate against the original eager fp32 call, interleaved, so a shared CPU's drift cancels."""
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Any, Callable
@@ -52,19 +53,26 @@ def head_to_head(challenger: Callable, holder: Callable, args: tuple, kwargs: di
     return _interleaved(challenger, holder, args, kwargs, rounds)
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, looked up once (``find_library`` runs ``ldconfig``); None elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): gc alone
+        return None
+
+
 def release_memory() -> None:
     """Collect a freed graph and hand the heap's free pages back to the system (glibc ``malloc_trim``), so
     a losing rung does not stay in the resident set (BERT-base: ~100 MiB more returned than gc alone)."""
-    import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS): gc alone
-        trim = None
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
 
