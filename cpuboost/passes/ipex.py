@@ -72,7 +72,7 @@ def ipex_optimize(model: nn.Module, ctx: PassContext) -> nn.Module:
         if new_model is not model or new_opt is not opt:
             raise RuntimeError("ipex.optimize(inplace=True) returned new objects; cpuboost trains your own pair")
         copied = _copy_checkpoints_on_load(model)
-    except Exception:
+    except BaseException:  # not a fallback: undo our patches, then the error (or interrupt) goes on as it was
         patched.undo()  # then cpuboost.training restores the parameter tables
         raise
     cast = sum(p.dtype == torch.bfloat16 for p in model.parameters())
