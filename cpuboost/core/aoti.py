@@ -167,8 +167,8 @@ def compile_aoti(module: nn.Module, args: tuple, kwargs: dict, dtype: Union[str,
     there atomically. ``reference``: eager fp32's output for these inputs, if the caller has it already
     (only its dtypes are used here). ``extra_meta``: more sidecar fields (an int8 graph records its scheme,
     and ``clone_inputs``: its kernels write into a float input, so every call passes copies). Raises
-    whatever torch.export or Inductor raise: a model that does not
-    export (data-dependent Python control flow) falls back to torch.compile in the caller.
+    whatever torch.export or Inductor raise: a model that does not export (data-dependent Python control
+    flow) falls back to torch.compile in the caller.
     """
     dtype = _dtype(dtype)
     leaves: list = []
