@@ -164,7 +164,7 @@ def test_calibration_of_the_wrong_shape_is_refused_before_any_work(monkeypatch):
     """A calibration batch shaped unlike the example input: CalibrationError, model untouched, no copy made."""
     net = conv_net().train()
     before = snapshot(net)
-    monkeypatch.setattr(int8.copy, "deepcopy", lambda *a, **k: pytest.fail("deepcopy before validation"))
+    monkeypatch.setattr(int8.quantize.copy, "deepcopy", lambda *a, **k: pytest.fail("deepcopy before validation"))
     x = torch.randn(2, 3, 16, 16)
     with pytest.raises(CalibrationError, match=r"calibration\[1\].*\(2, 3, 8, 8\)") as info:
         int8.build(net, (x,), {}, [(torch.randn(2, 3, 16, 16),), (torch.randn(2, 3, 8, 8),)], lambda _: None)

@@ -33,7 +33,6 @@ Inductor backend, a call that would recompile raises ``RecompileRefused`` instea
 """
 from __future__ import annotations
 
-import copy
 import time
 import warnings
 from collections.abc import Callable
@@ -52,7 +51,16 @@ from ...errors import (
 )
 from ..inductor import RecompileRefused
 from . import packaged
-from .accuracy import accuracy, cast_like, combine, describe, dtype_template, judge, measure
+from .accuracy import (
+    accuracy,
+    assess,
+    cast_like,
+    combine,
+    describe,
+    dtype_template,
+    judge,
+    refusal,
+)
 from .calibration import check_calibration
 from .quantize import (
     DESCRIBE,
@@ -61,6 +69,7 @@ from .quantize import (
     choose_scheme,
     layers,
     quantize_copy,
+    quantized_copy,
 )
 
 __all__ = [
@@ -157,18 +166,10 @@ def build(model: nn.Module, args: tuple, kwargs: dict, calibration: list | None,
             return cached
 
     started = time.perf_counter()
-    private = copy.deepcopy(model)
-    if private.training:
-        note("int8: the model is in train mode; the int8 copy runs in eval mode")
-    private.eval()
     name = type(model).__name__
-    try:
-        with torch.no_grad(), torch.autocast("cpu", enabled=False):
-            reference = private(*args, **kwargs)
-            references = [private(*a, **k) for a, k in batches]  # before quantize_ may change the copy in place
-            quantized, scheme, patches = quantize_copy(private, args, kwargs, batches, scheme, note)
-    except Exception as exc:
-        raise QuantizationError(f"int8 {scheme} quantization of {name} failed: {type(exc).__name__}: {exc}") from exc
+    (quantized, scheme, patches), reference, references = quantized_copy(
+        model, args, kwargs, batches, f"int8 {scheme} quantization",
+        lambda private: quantize_copy(private, args, kwargs, batches, scheme, note), note)
     note(f"int8 scheme: {DESCRIBE[scheme].format(n=len(batches))}")
     note(f"int8 quantize: {time.perf_counter() - started:.1f} s")
 
@@ -176,15 +177,12 @@ def build(model: nn.Module, args: tuple, kwargs: dict, calibration: list | None,
     runner, output, how, persisted = _compile_any(quantized, args, kwargs, reference, scheme, patches,
                                                   len(batches), artifact_dir, note)
     note(f"int8 compile ({how}): {time.perf_counter() - started:.1f} s")
-    got, where = measure(runner, output, reference, references, batches)
-    summary = f"int8 {scheme} vs eager fp32 on {where}: {describe(got)}"
-    note(summary)
-    problem = judge(got, tolerance)
+    got, summary, problem = assess(f"int8 {scheme}", runner, output, reference, references, batches, tolerance,
+                                   note)
     if problem:
         if persisted:
             packaged.discard(runner)
-        raise QuantizationError(f"int8 {scheme} graph of {name} is outside int8's bound on {where}: {problem}; "
-                                f"not served. Calibrate with more representative batches, or use dtype='bf16'")
+        raise refusal(f"int8 {scheme} graph of {name}", problem)
     if persisted:
         packaged.keep(runner, got)
     runner.accuracy_summary = summary  # explain() shows it on the int8 rung, served or not

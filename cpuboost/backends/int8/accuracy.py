@@ -109,3 +109,22 @@ def judge(result: dict, tolerance: float | None = None) -> str | None:
     if not result["cosine"] >= INT8_MIN_COSINE:
         return f"cosine {result['cosine']:.4f} < {INT8_MIN_COSINE}"
     return None
+
+
+def assess(label: str, runner: Any, output: Any, reference: Any, references: list, batches: list,
+           tolerance: float | None, note: Any) -> tuple[dict, str, str | None]:
+    """(numbers, summary, problem) of an int8 graph measured against eager fp32 on the example and every
+    calibration batch; the summary (``label`` vs eager fp32 on ...) is noted, ``problem`` is None when within
+    int8's bound, else what is outside it and on which inputs."""
+    got, where = measure(runner, output, reference, references, batches)
+    summary = f"{label} vs eager fp32 on {where}: {describe(got)}"
+    note(summary)
+    problem = judge(got, tolerance)
+    return got, summary, problem and f"outside int8's bound on {where}: {problem}"
+
+
+def refusal(what: str, problem: str) -> Exception:
+    from ...errors import QuantizationError
+
+    return QuantizationError(f"{what} is {problem}; not served. Calibrate with more representative batches, "
+                             "or use dtype='bf16'")

@@ -2,6 +2,7 @@
 without), torchao ``quantize_`` where PT2E cannot export the model or on request."""
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -103,3 +104,23 @@ def quantize_copy(private: nn.Module, args: tuple, kwargs: dict, batches: list, 
              f"dynamic int8 through torchao on the module instead")
     patches = {"freezing": True, "force_fuse_int_mm_with_mul": True}
     return _torchao(private, "dynamic_torchao"), "dynamic_torchao", patches
+
+
+def quantized_copy(model: nn.Module, args: tuple, kwargs: dict, batches: list, what: str,
+                   quantize: Callable[[nn.Module], object], note: Callable[[str], None]) -> tuple:
+    """(quantize(private eval copy), eager fp32 on the example, eager fp32 on each batch). The eager answers
+    come first: ``quantize_`` may change the copy in place. Any failure is a ``QuantizationError`` naming
+    ``what`` ("int8 static quantization"); ``model`` is never touched."""
+    from ...errors import QuantizationError
+
+    private = copy.deepcopy(model)
+    if private.training:
+        note("int8: the model is in train mode; the int8 copy runs in eval mode")
+    private.eval()
+    try:
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            reference = private(*args, **kwargs)
+            references = [private(*a, **k) for a, k in batches]
+            return quantize(private), reference, references
+    except Exception as exc:
+        raise QuantizationError(f"{what} of {type(model).__name__} failed: {type(exc).__name__}: {exc}") from exc

@@ -10,7 +10,6 @@ the IR (about a second) instead of calibrating, quantizing and converting again.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import time
@@ -21,11 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import QuantizationError
-from .accuracy import describe, judge, measure
+from .accuracy import assess, describe, refusal
 from .calibration import check_calibration
-from .quantize import _pt2e
-
+from .quantize import _pt2e, quantized_copy
 
 GRAPH = "openvino_int8"  # openvino_int8.xml/.bin (IR) + openvino_int8.json (accuracy) in the artifact folder
 
@@ -78,15 +75,9 @@ def build(model: nn.Module, args: tuple, kwargs: dict, calibration: Any, note: C
         if cached is not None:
             return cached
     started = time.perf_counter()
-    private = copy.deepcopy(model).eval()
-    name = type(model).__name__
-    try:
-        with torch.no_grad(), torch.autocast("cpu", enabled=False):
-            reference = private(*args, **kwargs)
-            references = [private(*a, **k) for a, k in batches]
-            quantized = _pt2e(private, args, kwargs, batches, fold_weights=False)
-    except Exception as exc:
-        raise QuantizationError(f"int8 static quantization of {name} failed: {type(exc).__name__}: {exc}") from exc
+    quantized, reference, references = quantized_copy(
+        model, args, kwargs, batches, "int8 static quantization",
+        lambda private: _pt2e(private, args, kwargs, batches, fold_weights=False), note)
     for module in quantized.modules():  # an exported graph refuses .eval(); it runs eval-mode ops already
         module.training = False
     note(f"int8 scheme: static PT2E (x86 Inductor quantizer, weights as FakeQuantize), {len(batches)} calibration "
@@ -99,18 +90,15 @@ def build(model: nn.Module, args: tuple, kwargs: dict, calibration: Any, note: C
                                 probe_tolerance=INT8_BOUND, save_to=staged)
         with torch.no_grad():
             output = runner(*args, **kwargs)
-        got, where = measure(runner, output, reference, references, batches)
-        problem = judge(got, tolerance)
+        got, summary, problem = assess("int8 static (OpenVINO)", runner, output, reference, references, batches,
+                                       tolerance, note)
         if folder is not None and not problem:
             _keep(folder, staged, got)
     finally:
         for leftover in (staged, staged.with_suffix(".bin")) if staged is not None else ():
             with contextlib.suppress(OSError):
                 leftover.unlink()
-    summary = f"int8 static (OpenVINO) vs eager fp32 on {where}: {describe(got)}"
-    note(summary)
     if problem:
-        raise QuantizationError(f"OpenVINO int8 graph of {name} is outside int8's bound on {where}: {problem}; "
-                                f"not served. Calibrate with more representative batches, or use dtype='bf16'")
+        raise refusal(f"OpenVINO int8 graph of {type(model).__name__}", problem)
     runner.accuracy_summary = summary
     return runner
