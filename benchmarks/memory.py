@@ -175,13 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        result = worker(args.one, args.calls, args.seq)
-        text = json.dumps(result)
-        if args.json in (None, "-"):
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text)
+        from cpuboost.bench.results import emit_json
+
+        emit_json(worker(args.one, args.calls, args.seq), args.json)
         return 0
 
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]

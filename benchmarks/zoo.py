@@ -626,12 +626,9 @@ def worker(args: argparse.Namespace) -> int:
         result = run_one(args.one, args.repeat, dtypes, skip)
     except Exception as exc:  # noqa: BLE001 (any failure is a result to report)
         result = {"model": args.one, "failure": _short(exc, 300), "traceback": traceback.format_exc()[-3000:]}
-    text = json.dumps(result, default=str)
-    if args.json in (None, "-"):
-        print(text)
-    else:
-        with open(args.json, "w") as f:
-            f.write(text)
+    from cpuboost.bench.results import emit_json
+
+    emit_json(result, args.json)
     return 0
 
 

@@ -222,6 +222,17 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def emit_json(data: Any, dest: Optional[str]) -> None:
+    """A benchmark worker's result for its parent process: JSON on stdout (``dest`` None or "-") or in the
+    file named; values JSON cannot hold are written as their ``str``."""
+    text = json.dumps(data, default=str)
+    if dest in (None, "-"):
+        print(text)
+    else:
+        with open(dest, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+
 def write_json(results: list[BenchResult], path: str, command: Optional[list[str]] = None) -> None:
     """One JSON document for one or many workloads, with the command that produced it."""
     doc = _finite({"schema": SCHEMA, "command": command if command is not None else sys.argv,
