@@ -261,20 +261,22 @@ def gpt2() -> Spec:
     return _text("gpt2", tf.GPT2LMHeadModel(config), config.vocab_size, SEQ, "GPT-2 (6 layers, 768), LM head, seq 128")
 
 
-def llama() -> Spec:
+def _small_causal_lm(name: str, family: str, kv_heads: int) -> Spec:
+    """A 4-layer, 512-wide ``family`` causal LM (Llama, Qwen2) with grouped-query attention 8/``kv_heads``."""
     tf = _tf()
-    config = tf.LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-                            num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, use_cache=False)
-    return _text("llama", tf.LlamaForCausalLM(config), config.vocab_size, SEQ,
-                 "Llama (4 layers, 512, GQA 8/4), LM head 32k, seq 128")
+    config = getattr(tf, f"{family}Config")(
+        hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=kv_heads, vocab_size=32000, max_position_embeddings=2048, use_cache=False)
+    return _text(name, getattr(tf, f"{family}ForCausalLM")(config), config.vocab_size, SEQ,
+                 f"{family} (4 layers, 512, GQA 8/{kv_heads}), LM head 32k, seq 128")
+
+
+def llama() -> Spec:
+    return _small_causal_lm("llama", "Llama", kv_heads=4)
 
 
 def qwen2() -> Spec:
-    tf = _tf()
-    config = tf.Qwen2Config(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-                            num_key_value_heads=2, vocab_size=32000, max_position_embeddings=2048, use_cache=False)
-    return _text("qwen2", tf.Qwen2ForCausalLM(config), config.vocab_size, SEQ,
-                 "Qwen2 (4 layers, 512, GQA 8/2), LM head 32k, seq 128")
+    return _small_causal_lm("qwen2", "Qwen2", kv_heads=2)
 
 
 def t5() -> Spec:
