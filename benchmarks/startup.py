@@ -13,8 +13,8 @@ to holding the first answer: optimize/key/lookup/compile/load/verify), ``second`
 load answer the same as cold.
 
 With ``--api`` the children call ``cpuboost.optimize(model, dtype=..., cache_dir=...)``, ``cpuboost.save``
-and ``cpuboost.load`` (once the runtime has them); without it they drive ``cpuboost.core.store`` and
-``cpuboost.core.package`` directly, the way the runtime is meant to.
+and ``cpuboost.load`` (once the runtime has them); without it they drive ``cpuboost.persist.store`` and
+``cpuboost.persist.package`` directly, the way the runtime is meant to.
 
     python benchmarks/startup.py --models resnet50 bert --out benchmarks/results/startup.json
 """
@@ -71,8 +71,8 @@ def _direct_first(scenario: str, model, args, kwargs, dtype: str, cache: Path, p
     """The runtime's path, driven by hand: returns (callable, first output, notes)."""
     import torch
 
-    from cpuboost.core import package as pkg
-    from cpuboost.core import store as st
+    from cpuboost.persist import package as pkg
+    from cpuboost.persist import store as st
 
     notes: dict = {}
     if scenario == "load":

@@ -19,15 +19,15 @@ _registry.add_builtin_loader(_register_builtins)
 
 
 def save(optimized, path):
-    """Write a self-contained package of the signatures ``optimized`` has built (see ``core.persist.save``)."""
-    from .core.persist import save as _save
+    """Write a self-contained package of the signatures ``optimized`` has built (see ``persist.deploy.save``)."""
+    from .persist.deploy import save as _save
 
     return _save(optimized, path)
 
 
 def load(path, **kwargs):
-    """A package written by ``save``, as a model that answers without compiling (``core.persist.load``)."""
-    from .core.persist import load as _load
+    """A package written by ``save``, as a model that answers without compiling (``persist.deploy.load``)."""
+    from .persist.deploy import load as _load
 
     return _load(path, **kwargs)
 

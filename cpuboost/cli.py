@@ -112,7 +112,7 @@ def _env(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from .core.store import DecisionStore
+    from .persist.store import DecisionStore
 
     store = DecisionStore.from_option(args.dir)
     if args.action == "clear":

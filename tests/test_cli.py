@@ -194,7 +194,7 @@ def test_bench_with_one_compiled_path(capsys, factory_file):
 
 def test_cache_info_and_clear(tmp_path, capsys):
     """`cpuboost cache info|clear` reports the persistent cache and empties it."""
-    from cpuboost.core.store import DecisionStore
+    from cpuboost.persist.store import DecisionStore
 
     store = DecisionStore(tmp_path)
     store.put({"model": "m", "signature": [1]}, {"rung": "eager"})

@@ -17,7 +17,7 @@ pytest.importorskip("torchao")
 
 import cpuboost
 from cpuboost.backends import int8
-from cpuboost.core import persist
+from cpuboost.persist import warm as persist
 from cpuboost.errors import CalibrationError, QuantizationError
 from cpuboost.options import Options
 from oracle import rung, verified

@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from cpuboost.core import package as pkg
-from cpuboost.core import store as st
+from cpuboost.persist import package as pkg
+from cpuboost.persist import store as st
 from cpuboost.errors import CpuBoostError
 
 Pair = collections.namedtuple("Pair", "logits features")
@@ -104,7 +104,7 @@ def test_fresh_process_loads_without_compiling_or_model_code(built, tmp_path):
     torch.save(X, tmp_path / "x.pt")
     script = textwrap.dedent(f"""
         import json, sys, torch
-        from cpuboost.core.package import load_package
+        from cpuboost.persist.package import load_package
         x = torch.load({str(tmp_path / 'x.pt')!r})
         out = load_package({str(built['package'])!r})(x, scale=0.5)
         print(json.dumps([out["out"].logits.tolist(), type(out["out"]).__name__, "torch._inductor" in sys.modules]))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from cpuboost.core import store as st
+from cpuboost.persist import store as st
 
 
 def _key(n: int = 0, torch_version: str | None = None) -> dict:

@@ -287,7 +287,7 @@ class OptimizedModule(ModelProxy):
 
     def _persistent(self, args: tuple, kwargs: dict):
         """This signature's entry in the persistent cache (None when the cache is off)."""
-        from .persist import WarmStart
+        from ..persist.warm import WarmStart
 
         if self._warm is None:
             self.__dict__["_warm"] = WarmStart(self._options, self._plan.names)

@@ -13,7 +13,7 @@ def build_inductor(model: nn.Module, args: tuple, kwargs: dict, ctx: PassContext
     from ..backends import inductor
 
     if ctx.artifact_dir is not None and not ctx.dynamic_dims:
-        from ..core import persist
+        from ..persist import warm as persist
 
         try:
             return persist.inductor_artifact(model, args, kwargs, ctx.options.dtype, ctx.artifact_dir, ctx.note)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...core import aoti
+from ...persist import aoti
 from .accuracy import describe
 
 GRAPH = "int8"  # the file name in the artifact folder (int8.pt2 + int8.json)

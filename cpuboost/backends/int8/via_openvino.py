@@ -50,7 +50,7 @@ def _load_cached(folder: Path, model: nn.Module, args: tuple, kwargs: dict, prec
 
 def _keep(folder: Path, staged: Path, measured: dict) -> None:
     """The staged IR under its final name, then the sidecar that marks the entry complete."""
-    from ...core.store import atomic_write
+    from ...persist.store import atomic_write
 
     os.replace(staged.with_suffix(".bin"), folder / f"{GRAPH}.bin")
     os.replace(staged, folder / f"{GRAPH}.xml")

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .package_errors import PackageFormatError
+from .errors import PackageFormatError
 
 _SCALAR = (bool, int, float, str, type(None))
 

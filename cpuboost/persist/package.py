@@ -18,7 +18,7 @@ same architecture. ``load_package`` checks those first and raises ``PackageMisma
 difference and the fix.
 
 Split by concern: ``treespec`` (the JSON structure), ``aoti`` (one graph: compile, requirements, load),
-``package_errors``; this module writes and loads package folders and re-exports the others' names.
+``errors``; this module writes and loads package folders and re-exports the others' names.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from . import store as _store
 from .aoti import (FORMAT, VERSION, PackagedGraph, _dtype, _eager, _eval_mode, _read_json,  # noqa: F401
                    check_requirements, compile_aoti, load_graph, requirements)
 from .keys import machine_fingerprint
-from .package_errors import (PackageFormatError, PackageMismatchError, PackageSignatureError,  # noqa: F401
+from .errors import (PackageFormatError, PackageMismatchError, PackageSignatureError,  # noqa: F401
                              PackageVerificationError)
 from .treespec import (PackagedOutput, _classes, _describe, _describe_call, _input_key, _rebuild,  # noqa: F401
                        describe_tree)

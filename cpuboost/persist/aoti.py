@@ -21,7 +21,7 @@ from torch import nn
 
 from . import store as _store
 from .keys import machine_fingerprint
-from .package_errors import PackageFormatError, PackageMismatchError
+from .errors import PackageFormatError, PackageMismatchError
 from .treespec import _classes, _collect_tensor_specs, _rebuild, _strip_strides, describe_tree
 
 log = logging.getLogger("cpuboost")
