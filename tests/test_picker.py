@@ -78,6 +78,89 @@ def test_inaccurate_low_precision_falls_back_to_fast_fp32(graph_pass):
     assert wrong.fate.startswith("rejected") and "FAILED" in wrong.error
 
 
+class SlowOutsideAutocast(nn.Module):
+    """An MLP whose fp32 call costs 20 ms more than its autocast one: eager+passes bf16 beats eager fp32 for
+    sure, so what the ladder does after an uncompiled win is what the tests below see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = randomize_bn(MLP([8, 16, 4]))
+
+    def forward(self, x):
+        if not torch.is_autocast_enabled("cpu"):
+            time.sleep(0.02)
+        return self.net(x)
+
+
+def test_an_uncompiled_low_precision_win_still_races_compiled_fp32(graph_pass):
+    """The fp32 escape: bf16 graphs refused, eager+passes bf16 wins the first stage; the compiled fp32 stage
+    still runs and its faster graph serves, timed side by side against that winner."""
+    net = SlowOutsideAutocast().eval()
+    x = torch.randn(3, 8)
+    expected = _eager(net, x)
+
+    def wrong_bf16(model, args, kwargs, ctx):
+        return lambda *a, **k: expected * 1.5
+
+    def fast_fp32(model, args, kwargs, ctx):
+        return lambda *a, **k: expected.clone()  # exact for this input, and no sleep
+
+    graph_pass(wrong_bf16, "test_wrong_bf16", dtypes=(torch.bfloat16,))
+    graph_pass(fast_fp32, "test_fast_fp32", dtypes=(torch.float32,))
+    model = cpuboost.optimize(net, dtype="bf16", fusion=False)
+    torch.testing.assert_close(model(x), expected)
+    graph = cpuboost.explain(model).graphs[-1]
+    fates = {r.name: r.fate for r in graph.rungs}
+    assert (graph.path, graph.dtype) == ("test_fast_fp32", "fp32"), str(cpuboost.explain(model))
+    assert fates["test_wrong_bf16 bf16"].startswith("rejected"), fates
+    assert fates["eager+passes bf16"].startswith("verified but slower than test_fast_fp32 fp32 (side by side"), fates
+    assert fates["test_fast_fp32 fp32"] == "served" and graph.vs_eager > 1.0, fates
+
+
+def test_a_compiled_low_precision_win_closes_the_ladder(graph_pass):
+    """A compiled graph that wins in the requested dtype ends the climb: the fp32 stage is not tried."""
+    net = SlowOutsideAutocast().eval()
+    x = torch.randn(3, 8)
+    expected = _eager(net, x)
+    graph_pass(lambda model, args, kwargs, ctx: (lambda *a, **k: expected.clone()), "test_fast_bf16",
+               dtypes=(torch.bfloat16,))
+    graph_pass(lambda model, args, kwargs, ctx: (lambda *a, **k: expected.clone()), "test_fast_fp32",
+               dtypes=(torch.float32,))
+    model = cpuboost.optimize(net, dtype="bf16", fusion=False)
+    model(x)
+    graph = cpuboost.explain(model).graphs[-1]
+    fates = {r.name: r.fate for r in graph.rungs}
+    assert graph.path == "test_fast_bf16", fates
+    assert fates["test_fast_fp32 fp32"] == "not tried: test_fast_bf16 bf16 won in the requested dtype", fates
+
+
+def test_a_winner_slower_than_eager_side_by_side_does_not_serve(graph_pass):
+    """The serve decision is timed once more next to eager fp32: a graph that beat eager while it was raced
+    and is slower after (here: from its sixth call on) leaves eager serving, and the record says why."""
+    net = randomize_bn(MLP([8, 16, 4])).eval()
+    x = torch.randn(3, 8)
+
+    def tiring(model, args, kwargs, ctx):
+        calls = []
+        with torch.no_grad():
+            answer = net(*args, **kwargs).clone()
+
+        def fn(*a, **k):
+            calls.append(1)
+            if len(calls) > 5:
+                time.sleep(0.05)
+            return answer
+        return fn
+
+    graph_pass(tiring, "test_tiring", dtypes=(torch.float32,))
+    model = cpuboost.optimize(net, dtype="fp32", fusion=False, tune_budget=0)
+    torch.testing.assert_close(model(x), _eager(net, x), rtol=1e-4, atol=1e-5)
+    graph = cpuboost.explain(model).graphs[-1]
+    tiring_rung = next(r for r in graph.rungs if r.name == "test_tiring fp32")
+    assert graph.path == "eager (original)", str(cpuboost.explain(model))
+    assert tiring_rung.fate.startswith("slower than eager fp32 side by side"), tiring_rung.line()
+
+
 def test_bf16_is_judged_against_eager_autocast_not_a_fixed_threshold():
     """An error well above the old fixed 3e-2 passes when eager autocast itself is that far off."""
     ref = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
