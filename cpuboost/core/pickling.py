@@ -52,11 +52,12 @@ def _identity(model: nn.Module) -> nn.Module:
 
 
 def _restore(cls: type, model: nn.Module, state: dict) -> Any:
-    obj = cls.__new__(cls)
+    obj = cls.__new__(cls, model)
     obj.__setstate__({**state, "original": model})
     return obj
 
 
 def reduce_proxy(proxy: Any, state: dict) -> tuple:
     """``__reduce_ex__`` for a ModelProxy subclass: its class, the user's model and picklable ``state``."""
-    return _restore, (type(proxy), _ModelRef(proxy._original), state)
+    base = type(proxy).__dict__.get("_proxy_base", type(proxy))  # the class made per original is made again
+    return _restore, (base, _ModelRef(proxy._original), state)
