@@ -201,6 +201,40 @@ def test_a_branch_on_the_sign_is_refused():
         build(SignBranch().eval(), (torch.ones(2, 4),), {}, torch.float32, lambda _: None)
 
 
+class Cancelling(nn.Module):
+    """Two near-equal Linear layers subtracted: bf16 loses most of the difference (eager autocast ~0.28 of the
+    output's scale, on any input), which is ordinary bf16 error, not a trace that specialised."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(64, 32), nn.Linear(64, 32)
+        with torch.no_grad():
+            self.b.weight.copy_(self.a.weight + 1e-3 * torch.randn_like(self.a.weight))
+            self.b.bias.copy_(self.a.bias)
+
+    def forward(self, x):
+        return self.a(x) - self.b(x)
+
+
+def test_second_input_judges_bf16_by_eager_autocasts_own_error():
+    """The second input is judged as the example is (eager autocast's error there times the multiplier): a bf16
+    graph whose error is what bf16 itself makes passes (a fixed 0.1 bound refused it), while a trace that
+    froze a branch is still refused in bf16."""
+    net, x = Cancelling().eval(), torch.randn(4, 64)
+    with torch.no_grad():
+        ref = net(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            own = rel_err(net(x), ref)
+    assert own > 0.1  # the old fixed bound would call this a frozen trace
+    fn = build(net, (x,), {}, torch.bfloat16, lambda _: None)
+    assert rel_err(fn(x), ref) <= 3 * own
+    with pytest.raises(OpenVINOBuildError, match="specialised"):
+        build(SignBranch().eval(), (torch.ones(2, 4),), {}, torch.bfloat16, lambda _: None)
+    with pytest.raises(OpenVINOBuildError, match="specialised"):
+        build(Branchy().eval(), (torch.arange(1.0, 9.0).reshape(1, 8) - 2.5,), {}, torch.bfloat16, lambda _: None)
+
+
 def test_float16_not_native_is_refused_or_runs_f16():
     net, x = conv_net(), torch.randn(1, 3, 16, 16)
     try:

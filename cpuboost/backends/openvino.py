@@ -6,7 +6,8 @@ by OpenVINO's PyTorch frontend with ``share_weights=False`` (with shared weights
 keeps reading torch's weight memory, so a later in-place weight edit would leak into a built graph), and
 compiled for the CPU with the dtype's ``INFERENCE_PRECISION_HINT``, the latency hint and torch's thread
 count. Before it is handed back, the compiled model is run once on a second input (values changed, dynamic
-dims resized) and compared with eager, so a trace that baked in data- or shape-dependent Python control flow
+dims resized) and compared with eager (low precision by the example's own rule: eager autocast's error there
+times the multiplier), so a trace that baked in data- or shape-dependent Python control flow
 is refused here rather than served. ``openvino`` is imported only inside :func:`build`.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ class OpenVINOBuildError(CpuBoostError, RuntimeError):
 
 _PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 _CONSTANT_LEAVES = (type(None), bool, int, float, str)
-_PROBE_TOLERANCE = {torch.float32: 1e-3}    # max|diff| / max|eager| on the second input; low precision: 1e-1
+_PROBE_FP32_TOLERANCE = 1e-3  # max|diff| / max|eager| on the second input; low precision: eager autocast's rule
 
 
 @functools.lru_cache(maxsize=1)
@@ -224,18 +225,48 @@ def _probe_one(model, fn: OpenVINOCallable, dtype, dynamic_dims, inputs: _Inputs
             raise OpenVINOBuildError(f"the model returns a Python value that changes with the input ({seen!r} then "
                                      f"{ref!r}); OpenVINO would return the traced one")
     got = pytree.tree_leaves(fn(*p_args, **p_kwargs))
-    tolerance = tolerance if tolerance is not None else _PROBE_TOLERANCE.get(dtype, 1e-1)
-    for i, (ref, out) in enumerate(zip([x for x in ref_leaves if isinstance(x, torch.Tensor)],
-                                       [x for x in got if isinstance(x, torch.Tensor)])):
+    yardstick = _autocast_leaves(model, dtype, p_args, p_kwargs)
+    tensors = [x for x in ref_leaves if isinstance(x, torch.Tensor)]
+    for i, (ref, out) in enumerate(zip(tensors, [x for x in got if isinstance(x, torch.Tensor)])):
         if ref.shape != out.shape:
             raise OpenVINOBuildError(f"output {i} has shape {tuple(out.shape)} from OpenVINO but {tuple(ref.shape)} "
                                      "from eager on a second input: the trace fixed a shape")
         if ref.is_floating_point() and ref.numel():
-            err = _relative_error(out, ref)
-            if not err <= tolerance:
-                raise OpenVINOBuildError(f"output {i} differs from eager on a second input (max|diff|/max|ref| "
-                                         f"{err:.2e} > {tolerance:g}): the trace specialised on the example input "
-                                         "(data- or shape-dependent Python control flow)")
+            own = yardstick[i] if yardstick is not None else None
+            ok, measured = _probe_verdict(ref, out, own, dtype, tolerance)
+            if not ok:
+                raise OpenVINOBuildError(f"output {i} differs from eager on a second input ({measured}): the trace "
+                                         "specialised on the example input (data- or shape-dependent Python control "
+                                         "flow)")
+
+
+def _autocast_leaves(model, dtype: torch.dtype, args: tuple, kwargs: dict) -> list | None:
+    """Eager's own tensors under autocast in ``dtype`` on the probe input: the yardstick a low-precision graph
+    is judged by there, as on the example (None for fp32, or where the model refuses autocast)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+            return [x for x in pytree.tree_leaves(model(*args, **kwargs)) if isinstance(x, torch.Tensor)]
+    except Exception:  # noqa: BLE001 - no yardstick: the dtype's floor alone
+        return None
+
+
+def _probe_verdict(ref: torch.Tensor, out: torch.Tensor, own: torch.Tensor | None, dtype: torch.dtype,
+                   tolerance: float | None) -> tuple[bool, str]:
+    """(passes, what was measured). fp32: a tight fixed bound. Low precision: the example's own rule
+    (``verify.compare``: eager autocast's error on this input times the multiplier, per row), so ordinary bf16
+    error is not taken for a frozen trace. ``tolerance`` (int8 against its simulated twin) is a floor."""
+    whole = _relative_error(out, ref)
+    if dtype not in (torch.bfloat16, torch.float16):
+        limit = tolerance if tolerance is not None else _PROBE_FP32_TOLERANCE
+        return whole <= limit, f"max|diff|/max|ref| {whole:.2e}, bound {limit:g}"
+    from ..core import verify
+
+    verdict = verify.compare(ref, out, dtype, own if own is not None and own.shape == ref.shape else None)
+    floor_ok = tolerance is not None and whole <= tolerance
+    return verdict.ok or floor_ok, f"judged as on the example: {verdict}" + (
+        f"; max|diff|/max|ref| {whole:.2e} > {tolerance:g}" if tolerance is not None else "")
 
 
 def _compile(ov_model: Any, dtype: torch.dtype, cache_dir: str | None = None) -> tuple[Any, dict, str]:
@@ -276,8 +307,8 @@ def build(model: torch.nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype,
     The returned callable takes the same arguments and returns eager's output structure and dtypes.
     ``dynamic_dims`` ({position or keyword name: [dims]}) leaves those dims dynamic; otherwise every shape
     is static. ``via_export``: convert through torch.export (static shapes; int8 q/dq graphs) instead of
-    tracing; ``probe_tolerance``: how far the second-input check may stray from ``model`` (default by dtype;
-    an int8 graph against its simulated-int8 eager twin rounds differently); ``save_to``: also write the
+    tracing; ``probe_tolerance``: how far the second-input check may always stray from ``model`` (an int8
+    graph against its simulated-int8 eager twin rounds differently; otherwise the dtype's rule); ``save_to``: also write the
     converted model there as OpenVINO IR (``.xml`` + ``.bin``), for ``load``. Raises (first line says why) where a faithful graph cannot be built.
     """
     if dtype not in _PRECISION:
