@@ -48,6 +48,7 @@ class TrainingModule(ModelProxy):
             _compiled=None,
             _candidates=list(plan.graph_passes),
             _build_lock=threading.Lock(),
+            _inference=None,
         )
 
     def __reduce_ex__(self, protocol: int):
@@ -68,7 +69,27 @@ class TrainingModule(ModelProxy):
         """``GradScaler("cpu")``: enabled for fp16, a pass-through otherwise, so one train step serves all dtypes."""
         return self._scaler
 
+    def inference(self) -> nn.Module:
+        """The inference path over the same weights (an ``OptimizedModule``), made on first use.
+
+        Calls in eval mode without autograd (``model.eval()`` + ``torch.no_grad()``: what Trainer's
+        ``evaluate``/``predict`` and Lightning's validation do) go through it: verified graphs per input
+        signature. Weights changed by training since its last call make it rebuild (contract 9), so
+        evaluating after every few steps pays a build each time; its ``explain()`` says what served.
+        """
+        if self._inference is None:
+            from ..core.module import OptimizedModule
+
+            options = dataclasses.replace(self._options, mode="infer")
+            plan, hw = plan_here(self._original, options)
+            self.__dict__["_inference"] = OptimizedModule(self._original, options, plan, hw)
+            self._report.events.append("eval-mode calls without autograd run the inference path "
+                                       "(explain(model.inference()) shows its graphs)")
+        return self._inference
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._original.training and not torch.is_grad_enabled():
+            return self.inference()(*args, **kwargs)
         if self._compiled is None and self._candidates:
             out = self._first_graph_call(args, kwargs)
             if out is not _NO_GRAPH:
