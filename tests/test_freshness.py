@@ -27,6 +27,12 @@ def _edit(net, kind, gen):
     with torch.no_grad():
         if kind == "data_mul":
             conv.weight.data.mul_(3)
+        elif kind == "data_double":  # exponent only: the mantissa bits stay the same
+            conv.weight.data.mul_(2)
+        elif kind == "data_halve":
+            net.fc.weight.data.mul_(0.5)
+        elif kind == "data_neg":  # sign only
+            conv.weight.data.neg_()
         elif kind == "data_assign":
             conv.weight.data = torch.randn(conv.weight.shape, generator=gen)
         elif kind == "new_parameter":
@@ -49,7 +55,7 @@ def _edit(net, kind, gen):
                 p.data.mul_(0.9).add_(0.1)
 
 
-EDITS = ["data_mul", "data_assign", "new_parameter", "assign_state_dict", "load_state_dict", "bn_stats_data",
+EDITS = ["data_mul", "data_double", "data_halve", "data_neg", "data_assign", "new_parameter", "assign_state_dict", "load_state_dict", "bn_stats_data",
          "bn_stats_inplace", "inplace", "data_zero_rows", "ema"]
 
 
@@ -69,7 +75,7 @@ def test_each_edit_is_seen_on_the_eager_path(kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["data_mul", "new_parameter", "bn_stats_data"])
+@pytest.mark.parametrize("kind", ["data_mul", "data_neg", "new_parameter", "bn_stats_data"])
 def test_edits_are_seen_on_the_compiled_path(kind):
     """fusion=True (a frozen Inductor graph holds the weights as constants): an edit rebuilds."""
     net = _net()
@@ -104,3 +110,30 @@ def test_invalidate_by_hand_covers_the_unsampled_edit():
     net.fc.bias.data[1] += 5.0
     model.invalidate("edited by hand")
     torch.testing.assert_close(model(x), _eager(net, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int64, torch.int8, torch.bool])
+@pytest.mark.parametrize("edit", ["double", "halve", "negate", "low_bit"])
+def test_watch_sees_whole_element_edits_through_data(dtype, edit):
+    """Every bit of a sampled element counts: sign, exponent and low mantissa edits through .data (which bump
+    no version counter) are all seen, for buffers of every element size, strided ones included."""
+    from cpuboost.core.freshness import WeightWatch
+
+    net = nn.Module()
+    values = torch.arange(1, 65).reshape(8, 8).t()  # a transposed (non-contiguous) buffer
+    net.register_buffer("b", (values % 2).bool() if dtype == torch.bool else values.to(dtype))
+    watch = WeightWatch(net)
+    assert watch.changed() is None
+    data = net.b.data
+    if dtype == torch.bool:
+        data.logical_not_()
+    elif edit == "double":
+        data.mul_(2)
+    elif edit == "halve":
+        data.copy_(data // 2 if not dtype.is_floating_point else data * 0.5)
+    elif edit == "negate":
+        data.neg_()
+    else:  # the lowest bit of every element's integer view
+        bits = data.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[data.element_size()])
+        bits.bitwise_xor_(1)
+    assert watch.changed() == "a weight's values changed (a write through .data)"
