@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cpuboost.persist import store as st
+from cpuboost.persist import warm
 
 
 def _key(n: int = 0, torch_version: str | None = None) -> dict:
@@ -242,10 +243,10 @@ def test_make_key_and_machine_fingerprint():
 def test_inductor_cache_is_scoped(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     store = st.DecisionStore(tmp_path)
-    with st.inductor_cache(store) as folder:
+    with warm.inductor_cache(store) as folder:
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
-    with st.inductor_cache(store):
+    with warm.inductor_cache(store):
         pass
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"

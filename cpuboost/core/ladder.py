@@ -151,6 +151,9 @@ def _try(rung: Rung, args: tuple, kwargs: dict, reference: Any, yardstick: Calla
         else:
             verdict = verify.compare(reference, out, rung.dtype, yardstick(rung.dtype) if low else None, tolerance)
         if not verdict.ok:
+            forget = getattr(fn, "forget_cached", None)  # a persistent graph that fails is not loaded again
+            if callable(forget):
+                forget()
             return RungRecord(rung.name, "rejected: not accurate enough", seconds, str(verdict), accuracy=measured)
     try:
         ms, eager_ms = race.against_eager(fn, eager, args, kwargs, eager_ms=(warm or {}).get("eager_ms"))

@@ -7,6 +7,7 @@ The wrapper shares the original's parameter, buffer and submodule tables, so ``s
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -188,16 +189,20 @@ class OptimizedModule(ModelProxy):
                 return out
         dims = self._dynamic_dims(family, shapes, args, kwargs)
         prefer = family.winner if family is not None else self._winners.get(family_key)
-        found = self._persistent(args, kwargs) if not dims else None
+        found = self._persistent(args, kwargs) if not dims else None  # holds the entry's cross-process lock
+        if found is not None and found.waited_s > 1:
+            self._report.note(f"[{sig}]: waited {found.waited_s:.1f} s for another process building it")
         if found is not None and found.decision is not None and prefer is None:
             prefer = found.decision.get("rung")  # decided by an earlier process: no race, that rung only
             self._report.note(f"[{sig}]: decision from the persistent cache ({prefer})")
-        stages = self._rungs(args, kwargs, dims, prefer, found.artifact_dir if found is not None else None)
-        winner, rungs = ladder.climb(
-            stages, args, kwargs, reference=reference, yardstick=yardstick, eager=self._eager_original,
-            tolerance=options.tolerance, budget=0.0 if prefer else options.tune_budget,
-            verify_outputs=options.verify, signature=sig, decided=prefer,
-            warm=self._warm.hints(found, prefer, reference_ms) if found is not None else None)
+        with found.building() if found is not None else contextlib.nullcontext():  # releases the lock on error
+            stages = [] if prefer == "eager" else self._rungs(  # eager decided earlier: nothing beat it
+                args, kwargs, dims, prefer, found.artifact_dir if found is not None else None)
+            winner, rungs = ladder.climb(
+                stages, args, kwargs, reference=reference, yardstick=yardstick, eager=self._eager_original,
+                tolerance=options.tolerance, budget=0.0 if prefer else options.tune_budget,
+                verify_outputs=options.verify, signature=sig, decided=prefer,
+                warm=self._warm.hints(found, prefer, reference_ms) if found is not None else None)
         record = GraphRecord(sig, "eager (original)", 0.0, "is the reference", rungs=rungs,
                              dynamic=", ".join(f"{w}:{d}" for w, d in dims.items()) if dims else "")
         if winner is None:

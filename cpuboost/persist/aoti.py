@@ -19,15 +19,15 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from . import store as _store
+from . import trust, units
+from .errors import PackageFormatError, PackageMismatchError, UnsafeLocationError
 from .keys import machine_fingerprint
-from .errors import PackageFormatError, PackageMismatchError
 from .treespec import _classes, _collect_tensor_specs, _rebuild, _strip_strides, describe_tree
 
 log = logging.getLogger("cpuboost")
 
 FORMAT = "cpuboost-package"
-VERSION = 1
+VERSION = 2  # 2: every graph's SHA-256 in its record, the build CPU's full flag list
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32}
 # x86-64 micro-architecture levels (for march=): the codegen flags each one lets the compiler use
@@ -162,9 +162,9 @@ def compile_aoti(module: nn.Module, args: tuple, kwargs: dict, dtype: Union[str,
     """Export ``module`` for this signature, compile it with AOTInductor (freezing) and load it.
 
     Returns the loaded graph (a callable answering in eager's output structure and dtypes) and the path of
-    its ``.pt2``; ``<name>.json`` beside it holds the structure, so ``load_graph(path)`` brings it back in a
-    later process without compiling. ``workdir``: e.g. ``DecisionStore.artifact_dir(key)``; files appear
-    there atomically. ``reference``: eager fp32's output for these inputs, if the caller has it already
+    its ``.pt2``; ``<name>.json`` beside it holds the structure and the ``.pt2``'s SHA-256, so
+    ``load_graph(path)`` brings it back in a later process without compiling. ``workdir``: a private folder
+    (``units.stage``) that the caller publishes as one unit once the graph is judged. ``reference``: eager fp32's output for these inputs, if the caller has it already
     (only its dtypes are used here). ``extra_meta``: more sidecar fields (an int8 graph records its scheme,
     and ``clone_inputs``: its kernels write into a float input, so every call passes copies). Raises
     whatever torch.export or Inductor raise: a model that does not export (data-dependent Python control
@@ -208,13 +208,14 @@ def compile_aoti(module: nn.Module, args: tuple, kwargs: dict, dtype: Union[str,
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-    meta = {"format": FORMAT, "version": VERSION, "dtype": str(dtype).replace("torch.", ""), "inputs": in_spec,
-            "output": out_spec, "needs": requirements(march), "bytes": os.path.getsize(tmp),
-            "export_s": round(exported_s, 2), "compile_s": round(time.perf_counter() - started, 2), **(extra_meta or {})}
-    _drop_inductor_copy(Path(tmp))
     final = folder / f"{name}.pt2"
-    _store.publish(Path(tmp), final)
-    _store.atomic_write(folder / f"{name}.json", json.dumps(meta, indent=1).encode())
+    os.replace(tmp, final)
+    meta = {"format": FORMAT, "version": VERSION, "dtype": str(dtype).replace("torch.", ""), "inputs": in_spec,
+            "output": out_spec, "needs": requirements(march), "bytes": final.stat().st_size,
+            "files": {final.name: {"sha256": units.sha256_file(final), "bytes": final.stat().st_size}},
+            "export_s": round(exported_s, 2), "compile_s": round(time.perf_counter() - started, 2), **(extra_meta or {})}
+    _drop_inductor_copy(final)
+    units.atomic_write(folder / f"{name}.json", json.dumps(meta, indent=1).encode())
     log.info("cpuboost: AOTInductor graph %s in %.1f s (export %.1f s)", final, meta["compile_s"], exported_s)
     graph = PackagedGraph(final, meta)
     if workdir is None:  # nobody else owns the folder: it goes with the graph (the loader has its own copy)
@@ -243,12 +244,17 @@ def _drop_inductor_copy(pt2: Path) -> None:
 class PackagedGraph:
     """One AOTInductor graph for one input signature, answering in the recorded output structure."""
 
+    cache_unit: Optional[Path] = None  # the persistent-cache folder it was loaded from (see ``forget_cached``)
+
     def __init__(self, path: Path, meta: dict, output_types: str = "auto") -> None:
         self.path = Path(path)
         self.meta = meta
         self._tensor_specs = []
-        _collect_tensor_specs(meta["inputs"], self._tensor_specs)
-        self._classes = _classes(meta["output"], output_types, {})
+        try:
+            _collect_tensor_specs(meta["inputs"], self._tensor_specs)
+            self._classes = _classes(meta["output"], output_types, {})
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise PackageFormatError(f"the record of {self.path} is damaged ({type(exc).__name__}: {exc})") from exc
         self._clone_inputs = bool(meta.get("clone_inputs"))
         try:
             # The C++ loader straight away: aoti_load_package would import torch._inductor (seconds) only to
@@ -280,27 +286,42 @@ class PackagedGraph:
             outs = self._loader.run(flat)
         return _rebuild(self.meta["output"], list(outs), [0], self._classes)
 
+    def forget_cached(self) -> None:
+        """This graph failed verification: its cache unit goes, so no later process loads it again."""
+        if self.cache_unit is not None:
+            log.warning("cpuboost cache: %s failed verification; removed", self.cache_unit)
+            units.discard(self.cache_unit)
 
-def load_graph(path: Union[str, os.PathLike], *, output_types: str = "auto", check: bool = True) -> PackagedGraph:
-    """A graph written by ``compile_aoti`` (its ``.pt2`` path), checked against this machine, loaded.
-    Raises PackageFormatError for a missing/damaged/foreign sidecar, PackageMismatchError for another machine."""
+
+def load_graph(path: Union[str, os.PathLike], *, output_types: str = "auto", check: bool = True,
+               root: Union[str, os.PathLike, None] = None) -> PackagedGraph:
+    """A graph written by ``compile_aoti`` (its ``.pt2`` path), checked and loaded. Before its code is
+    loaded: the folders from it up to ``root`` (default: its own folder) and above are private
+    (``UnsafeLocationError``), its record is whole and of this version and its SHA-256 matches
+    (``PackageFormatError``), this machine has what it needs (``PackageMismatchError``)."""
     path = Path(path)
+    if not path.is_file():
+        raise PackageFormatError(f"{path} is missing: not a cpuboost graph (or an incomplete copy)")
+    problem = trust.unsafe_reason(path, root if root is not None else path.parent)
+    if problem is not None:
+        raise UnsafeLocationError(f"not loading {path}: {problem}; it holds native code, so only a folder that "
+                                  "only you (or root) can write is trusted")
     meta = _read_json(path.with_suffix(".json"))
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise PackageFormatError(f"{path.with_suffix('.json')} is not a cpuboost graph of version {VERSION}")
+    files = meta.get("files")
+    if not isinstance(files, dict) or path.name not in files or not isinstance(meta.get("needs"), dict):
+        raise PackageFormatError(f"{path.with_suffix('.json')} records no digest for {path.name}; rebuild it")
+    units.check_files(path.parent, {path.name: files[path.name]}, str(path.parent))
     if check:
         check_requirements(meta["needs"])
-    size = path.stat().st_size if path.exists() else -1
-    if size != meta.get("bytes"):
-        raise PackageFormatError(f"{path} is {size} bytes, its sidecar says {meta.get('bytes')}: truncated or "
-                                 "replaced; rebuild it")
     return PackagedGraph(path, meta, output_types)
 
 
 def update_meta(graph: PackagedGraph, **fields: Any) -> None:
     """Add ``fields`` to a graph's sidecar (e.g. accuracy measured after it was built), atomically."""
     graph.meta.update(fields)
-    _store.atomic_write(graph.path.with_suffix(".json"), json.dumps(graph.meta, indent=1).encode())
+    units.atomic_write(graph.path.with_suffix(".json"), json.dumps(graph.meta, indent=1).encode())
 
 
 def _read_json(path: Path) -> dict:

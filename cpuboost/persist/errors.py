@@ -26,3 +26,12 @@ class PackageSignatureError(CpuBoostError, ValueError):
 class PackageVerificationError(CpuBoostError, RuntimeError):
     """The compiled graph did not match eager fp32 within the dtype's tolerance; nothing was written."""
 
+
+
+class UnsafeLocationError(CpuBoostError, PermissionError):
+    """Native code (a ``.pt2``'s shared library) in a folder that someone else can write or owns: not loaded."""
+
+
+class PackagedPathWarning(UserWarning):
+    """``cpuboost.save`` packaged an Inductor graph for a signature that another path (OpenVINO, eager, an
+    uncached int8 graph) serves at runtime: the package's answers come from a different graph."""

@@ -17,11 +17,6 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-# CPU flags that change what Inductor / oneDNN / OpenVINO generate (an artifact built with one may crash without it)
-CODEGEN_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd",
-                 "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
-                 "amx_fp16", "asimd", "sve", "sve2", "bf16", "i8mm")
-
 
 def _jsonable(value: Any) -> Any:
     """Plain JSON for a key: dtypes, devices, tuples, sets and paths become strings or lists."""
@@ -158,13 +153,14 @@ def data_digest(value: Any) -> str:
 
 
 def _cpu_flags() -> list[str]:
+    """Every instruction-set flag the kernel reports for this CPU: Inductor compiles with -march=native, so
+    an artifact may use any of them, and a subset would let it load on a CPU that lacks one (SIGILL)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:
                 key, _, value = line.partition(":")
                 if key.strip() in ("flags", "Features"):
-                    present = set(value.split())
-                    return [f for f in CODEGEN_FLAGS if f in present]
+                    return sorted(set(value.split()))
     except OSError:
         pass
     return []
@@ -180,7 +176,7 @@ def _version(dist: str) -> Optional[str]:
 
 
 def machine_fingerprint(backends: tuple[str, ...] = ()) -> dict:
-    """What a compiled artifact depends on besides the model: CPU codegen flags, torch's CPU capability,
+    """What a compiled artifact depends on besides the model: the CPU's full flag list, torch's CPU capability,
     the architecture, Python and library versions. ``backends``: extra distributions to version
     (e.g. ``("openvino",)``), read from metadata without importing them."""
     from .. import __version__ as cpuboost_version

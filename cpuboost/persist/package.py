@@ -34,13 +34,14 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import store as _store
+from ..errors import CpuBoostError
+from . import trust, units
 # re-exported: callers use package.compile_aoti, package.load_graph, package.PackageFormatError...
 from .aoti import (FORMAT, VERSION, PackagedGraph, _dtype, _eager, _eval_mode, _read_json,  # noqa: F401
                    check_requirements, compile_aoti, load_graph, requirements)
 from .keys import machine_fingerprint
 from .errors import (PackageFormatError, PackageMismatchError, PackageSignatureError,  # noqa: F401
-                             PackageVerificationError)
+                     PackageVerificationError, UnsafeLocationError)
 from .treespec import (PackagedOutput, _classes, _describe, _describe_call, _input_key, _rebuild,  # noqa: F401
                        describe_tree)
 
@@ -107,7 +108,7 @@ def save_package(module: nn.Module, examples: Sequence[tuple[tuple, dict]], dtyp
                 describe_tree(graph(*args, **kwargs), out_leaves, inputs=False)
                 ok, errors = _tolerance_ok(reference, yard, out_leaves, dtype)
                 graph.meta["max_rel_error"] = [round(e, 6) if e != float("inf") else "inf" for e in errors]
-                _store.atomic_write(file.with_suffix(".json"), json.dumps(graph.meta, indent=1).encode())
+                units.atomic_write(file.with_suffix(".json"), json.dumps(graph.meta, indent=1).encode())
                 if not ok:
                     raise PackageVerificationError(
                         f"the compiled graph for signature {i} differs from eager fp32 by {errors} (relative to "
@@ -147,14 +148,18 @@ def pack_graphs(files: Sequence[Union[str, os.PathLike]], path: Union[str, os.Pa
         for i, (file, meta) in enumerate(metas):
             name = f"graph-{i}.pt2"
             shutil.copyfile(file, staging / name)
-            _store.atomic_write((staging / name).with_suffix(".json"), json.dumps(meta, indent=1).encode())
-            graphs.append({"file": name, "inputs": meta["inputs"], "output": meta["output"],
+            digest = units.sha256_file(staging / name)
+            if digest != meta.get("files", {}).get(file.name, {}).get("sha256"):
+                raise PackageFormatError(f"{file} does not match the SHA-256 its record holds; not packaged")
+            meta = {**meta, "files": {name: {"sha256": digest, "bytes": meta["bytes"]}}}
+            units.atomic_write((staging / name).with_suffix(".json"), json.dumps(meta, indent=1).encode())
+            graphs.append({"file": name, "sha256": digest, "inputs": meta["inputs"], "output": meta["output"],
                            "bytes": meta["bytes"], "compile_s": meta.get("compile_s"),
                            "max_rel_error": meta.get("max_rel_error")})
         manifest = {"format": FORMAT, "version": VERSION, "dtype": metas[0][1]["dtype"],
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "built_on": machine_fingerprint(),
                     "needs": needs[0], "graphs": graphs, "extra": extra_manifest or {}}
-        _store.atomic_write(staging / "manifest.json", json.dumps(manifest, indent=1).encode())
+        units.atomic_write(staging / "manifest.json", json.dumps(manifest, indent=1).encode())
         _shareable(staging)
         if path.exists():
             if not overwrite:
@@ -176,6 +181,7 @@ def _shareable(folder: Path) -> None:
     umask = 0o022  # read, not set: os.umask() to query it would change it for every thread for a moment
     with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/self/status", encoding="ascii") as fh:
         umask = int(next(ln for ln in fh if ln.startswith("Umask:")).split()[1], 8)
+    umask |= 0o022  # never writable by others: ``load_package`` refuses native code others can replace
     folder.chmod(0o777 & ~umask)
     for file in folder.iterdir():
         file.chmod(0o666 & ~umask)
@@ -222,7 +228,10 @@ def read_manifest(path: Union[str, os.PathLike]) -> dict:
 def load_package(path: Union[str, os.PathLike], *, output_types: str = "auto", check: bool = True) -> PackagedModel:
     """Load a package written by ``save_package``: no compiling, no pickle, no model code needed.
 
-    Checks the manifest against this machine first (``PackageMismatchError`` names every difference and the
+    Loading runs the native code the package holds, like unpickling: load only packages from sources you
+    trust. Before any of it is loaded: the folder and those above it are private (``UnsafeLocationError``),
+    every file the manifest names stays inside the package and matches its SHA-256 (``PackageFormatError``
+    otherwise, for any damage). Checks the manifest against this machine first (``PackageMismatchError`` names every difference and the
     fix; ``check=False`` skips that at your own risk). ``output_types``: how transformers ModelOutputs and
     namedtuples come back: 'auto' (the real class when its module is already imported, else a stand-in with
     the same fields: ``PackagedOutput``), 'import' (import the class's module), 'plain' (stand-ins always).
@@ -230,20 +239,36 @@ def load_package(path: Union[str, os.PathLike], *, output_types: str = "auto", c
     if output_types not in ("auto", "import", "plain"):
         raise ValueError(f"output_types={output_types!r}: use 'auto', 'import' or 'plain'")
     path = Path(path)
+    problem = trust.unsafe_reason(path, path)
+    if problem is not None:
+        raise UnsafeLocationError(f"not loading the package {path}: {problem}. It holds native code; copy it into "
+                                  "a folder only you can write, or `chmod go-w` the folders named")
     manifest = read_manifest(path)
-    if check:
-        check_requirements(manifest["needs"])
-    graphs = {}
-    for entry in manifest.get("graphs", []):
-        file = path / entry["file"]
-        size = file.stat().st_size if file.exists() else -1
-        if size != entry.get("bytes"):
-            raise PackageFormatError(f"{file} is {size} bytes, the manifest says {entry.get('bytes')}: the package "
-                                     "is incomplete or damaged; copy or save it again")
-        meta = {"inputs": entry["inputs"], "output": entry["output"], "needs": manifest["needs"],
-                "format": FORMAT, "version": VERSION, "bytes": entry["bytes"]}
-        graph = PackagedGraph(file, meta, output_types)
-        graphs[graph.key] = graph
+    try:
+        if check:
+            check_requirements(manifest["needs"])
+        graphs = {}
+        for entry in manifest["graphs"]:
+            name = entry["file"]
+            file = units.inside(path, name, f"the package {path}")
+            size = file.stat().st_size if file.is_file() else -1
+            if size != entry.get("bytes"):
+                raise PackageFormatError(f"{file} is {size} bytes, the manifest says {entry.get('bytes')}: the "
+                                         "package is incomplete or damaged; copy or save it again")
+            problem = trust.unsafe_reason(file, path)
+            if problem is not None:
+                raise UnsafeLocationError(f"not loading the package {path}: {problem}")
+            units.check_files(path, {name: {"sha256": entry.get("sha256"), "bytes": entry["bytes"]}},
+                              f"the package {path}")
+            meta = {"inputs": entry["inputs"], "output": entry["output"], "needs": manifest["needs"],
+                    "format": FORMAT, "version": VERSION, "bytes": entry["bytes"]}
+            graph = PackagedGraph(file, meta, output_types)
+            graphs[graph.key] = graph
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        if isinstance(exc, CpuBoostError):
+            raise
+        raise PackageFormatError(f"the manifest of {path} is damaged ({type(exc).__name__}: {exc}); copy or save "
+                                 "the package again") from exc
     if not graphs:
         raise PackageFormatError(f"{path} holds no graphs")
     return PackagedModel(path, manifest, graphs)

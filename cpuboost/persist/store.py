@@ -4,17 +4,19 @@ Layout under the root (``CPUBOOST_CACHE_DIR``, ``cache_dir=``, or ``$XDG_CACHE_H
 
     v1/decisions/ab/<hash>.json   {"format", "key", "decision", "written"}: the key is stored in full
     v1/artifacts/<hash>/          backend artifacts for that key (AOTInductor .pt2, OpenVINO blobs)
+    v1/artifacts/<hash>/<unit>/   one published unit each (``units``): graph.pt2 + graph.json, int8.xml + ...
+    v1/locks/<hash>.lock          the cross-process build lock of one artifact key (``units.EntryLock``)
     v1/inductor/                  TORCHINDUCTOR_CACHE_DIR while cpuboost builds (see ``inductor_cache``)
-    v1/openvino/                  OpenVINO's CACHE_DIR
 
 Contract 10: nothing here is code. Entries are JSON read with ``json.loads``; an entry that does not parse,
 has another format, or whose stored key differs from the one asked for (a foreign or tampered entry) is
 ignored with a warning and removed so it is rebuilt. Writes go to a temporary file in the same folder and
 are published with ``os.replace``, so readers see a whole entry or none, and two processes writing one key
 at once leave one of their two (equal) entries. A folder that cannot be written is used read-only (entries
-already there still serve) after one warning. The size bound evicts least recently used keys (mtime,
-touched on every hit) with their artifacts. The key itself (what a build depends on) is made in ``keys``;
-``store`` re-exports its names.
+already there still serve) after one warning; a folder others can write (``trust``) is not used at all.
+The size bound covers everything cpuboost writes (Inductor's kernels included) and evicts least recently
+used keys (mtime, touched on every hit) with their artifacts, never one another process is building. The
+key itself (what a build depends on) is made in ``keys``; ``store`` re-exports its names.
 """
 from __future__ import annotations
 
@@ -32,8 +34,10 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 # the keys live in keys.py; re-exported because callers use store.make_key, store.weights_digest...
-from .keys import (CODEGEN_FLAGS, _jsonable, canonical, data_digest, key_hash, machine_fingerprint,  # noqa: F401
+from . import trust
+from .keys import (_jsonable, canonical, data_digest, key_hash, machine_fingerprint,  # noqa: F401
                    make_key, model_fingerprint, signature_json, weights_digest)
+from .units import EntryLock, atomic_write, clean_stale  # noqa: F401  (atomic_write: re-exported)
 
 log = logging.getLogger("cpuboost")
 
@@ -45,6 +49,11 @@ DEFAULT_MAX_BYTES = 4 << 30  # AOTInductor packages carry their weights: ResNet-
 
 class CacheWarning(UserWarning):
     """The persistent cache could not be used as asked (corrupt entry, read-only folder); work goes on."""
+
+
+class UnsafeCacheWarning(CacheWarning):
+    """The cache folder (or one above it) is owned by someone else or writable by others: it holds native
+    code that would run in this process, so it is neither read nor written; every build is made afresh."""
 
 
 # -- where --------------------------------------------------------------------------------------------------
@@ -65,13 +74,13 @@ _WARNED: set[tuple[str, str]] = set()
 _WARN_LOCK = threading.Lock()
 
 
-def _warn_once(kind: str, where: Any, text: str) -> None:
+def _warn_once(kind: str, where: Any, text: str, category: type = CacheWarning) -> None:
     with _WARN_LOCK:
         if (kind, str(where)) in _WARNED:
             return
         _WARNED.add((kind, str(where)))
     log.warning("cpuboost cache: %s", text)
-    warnings.warn(text, CacheWarning, stacklevel=3)
+    warnings.warn(text, category, stacklevel=3)
 
 
 class DecisionStore:
@@ -82,6 +91,7 @@ class DecisionStore:
         self.max_bytes = max_bytes
         self.base = self.root / f"v{FORMAT}" if self.root is not None else None
         self._writable: Optional[bool] = None if self.root is not None else False
+        self._trusted: Optional[bool] = None
         self._scratch: Optional[Path] = None
         self._lock = threading.Lock()
 
@@ -91,7 +101,28 @@ class DecisionStore:
 
     @property
     def enabled(self) -> bool:
-        return self.base is not None
+        """On, and in a folder only this user can write (checked once; warns once if not)."""
+        if self.base is None:
+            return False
+        if self._trusted is None:
+            with self._lock:
+                if self._trusted is None:
+                    self._trusted = self._check_trust()
+        return self._trusted
+
+    def _check_trust(self) -> bool:
+        with contextlib.suppress(OSError):
+            trust.make_private_root(self.root)
+        if not self.root.is_dir():
+            return True  # nothing to trust yet; ``writable`` says whether it can be made
+        problem = trust.unsafe_reason(self.root, self.root)
+        if problem is None:
+            return True
+        _warn_once("unsafe", self.root, f"not using {self.root}: {problem}. The cache holds compiled code that "
+                   "this process would load and run, so it must be a folder only you can write: `chmod go-w` "
+                   "it (and the folders above it), or point CPUBOOST_CACHE_DIR / cache_dir= at a folder of your "
+                   "own. Building without the cache", UnsafeCacheWarning)
+        return False
 
     @property
     def writable(self) -> bool:
@@ -104,8 +135,9 @@ class DecisionStore:
 
     def _probe(self) -> bool:
         try:
-            for sub in ("decisions", "artifacts"):
-                (self.base / sub).mkdir(parents=True, exist_ok=True)
+            trust.make_private_root(self.root)
+            for sub in ("decisions", "artifacts", "locks"):
+                (self.base / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(dir=self.base, prefix=".probe-")
             os.close(fd)
             os.unlink(probe)
@@ -122,6 +154,21 @@ class DecisionStore:
 
     def _artifacts(self, h: str) -> Path:
         return self.base / "artifacts" / h
+
+    def _lock_path(self, h: str) -> Path:
+        return self.base / "locks" / f"{h}.lock"
+
+    def entry_lock(self, key: dict) -> Optional[EntryLock]:
+        """The cross-process lock of this key's artifacts (None when the store is off or read-only); a holder
+        also clears what a dead holder left half-staged there."""
+        if not self.enabled or not self.writable:
+            return None
+        return EntryLock(self._lock_path(key_hash(key)))
+
+    def builds_lock(self) -> Optional[EntryLock]:
+        """Held shared by every build that points Inductor's cache into the store; ``trim`` evicts Inductor's
+        files only when it can take it exclusively (no build running in any process)."""
+        return EntryLock(self.base / "locks" / "builds.lock") if self.enabled and self.writable else None
 
     # decisions
     def get(self, key: dict) -> Optional[dict]:
@@ -203,7 +250,7 @@ class DecisionStore:
             if self.writable:
                 if create:
                     try:
-                        path.mkdir(parents=True, exist_ok=True)
+                        path.mkdir(mode=0o700, parents=True, exist_ok=True)
                     except OSError as exc:
                         _warn_once("write", self.root, f"cannot create {path} ({exc}); using a temporary folder")
                         return self._private(key)
@@ -220,18 +267,16 @@ class DecisionStore:
         return path
 
     def inductor_dir(self) -> Optional[Path]:
-        return self.base / "inductor" if self.enabled and self.writable else None
-
-    def openvino_dir(self) -> Optional[Path]:
         if not (self.enabled and self.writable):
             return None
-        path = self.base / "openvino"
-        path.mkdir(parents=True, exist_ok=True)
+        path = self.base / "inductor"
+        with contextlib.suppress(OSError):
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
         return path
 
     # housekeeping
     def _units(self) -> Iterator[tuple[float, int, str]]:
-        """(last use, bytes, hash) for every key that has an entry or artifacts."""
+        """(last use, bytes, hash) for every key that has an entry or artifacts (staging leftovers count)."""
         sizes: dict[str, list] = {}
         for path in (self.base / "decisions").glob("*/*.json"):
             with contextlib.suppress(OSError):
@@ -241,36 +286,74 @@ class DecisionStore:
             with contextlib.suppress(OSError):
                 unit = sizes.setdefault(folder.name, [folder.stat().st_mtime, 0])
                 unit[0] = max(unit[0], folder.stat().st_mtime)
-                unit[1] += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+                unit[1] += _bytes(folder)
         for h, (mtime, size) in sizes.items():
             yield mtime, size, h
 
-    def trim(self, max_bytes: Optional[int] = None) -> int:
-        """Evict least recently used keys until the store (decisions + artifacts) fits; returns bytes freed.
-        Inductor's and OpenVINO's own folders are left to those libraries."""
-        limit = self.max_bytes if max_bytes is None else max_bytes
-        if not self.enabled or not self.writable:
-            return 0
-        units = sorted(self._units())
-        total = sum(size for _, size, _ in units)
-        freed = 0
-        for _, size, h in units:
-            if total - freed <= limit:
-                break
+    def _inductor_units(self) -> list[tuple[float, int, Path]]:
+        """(last use, bytes, path) of each top-level item of Inductor's cache folder inside the store."""
+        found = []
+        with contextlib.suppress(OSError):
+            for item in (self.base / "inductor").iterdir():
+                with contextlib.suppress(OSError):
+                    found.append((item.stat().st_mtime, _bytes(item), item))
+        return found
+
+    def _evict(self, h: str) -> bool:
+        """Remove one key's entry and artifacts unless another build holds its lock (then False)."""
+        lock = EntryLock(self._lock_path(h))
+        if not lock.acquire(timeout=0):
+            return False
+        try:
             with contextlib.suppress(OSError):
                 self._entry(h).unlink()
             shutil.rmtree(self._artifacts(h), ignore_errors=True)
-            freed += size
+        finally:
+            lock.release(remove=True)
+        return True
+
+    def trim(self, max_bytes: Optional[int] = None) -> int:
+        """Evict least recently used keys (and Inductor's cached kernels, when no build is running) until
+        everything cpuboost wrote here fits; returns bytes freed. Keys another process is building stay."""
+        limit = self.max_bytes if max_bytes is None else max_bytes
+        if not self.enabled or not self.writable:
+            return 0
+        units: list[tuple[float, int, Any]] = [(t, n, h) for t, n, h in self._units()]
+        builds = self.builds_lock()
+        idle = builds is not None and builds.acquire(timeout=0)  # no build anywhere points Inductor here now
+        try:
+            inductor = self._inductor_units()
+            units += inductor if idle else []
+            total = sum(size for _, size, _ in units) + (0 if idle else sum(n for _, n, _ in inductor))
+            freed = 0
+            for _, size, unit in sorted(units, key=lambda u: u[0]):
+                if total - freed <= limit:
+                    break
+                if isinstance(unit, Path):
+                    _remove(unit)
+                elif not self._evict(unit):
+                    continue
+                freed += size
+        finally:
+            if idle:
+                builds.release()
         if freed:
             log.info("cpuboost cache: evicted %d bytes to stay under %d", freed, limit)
         return freed
+
+    def sweep(self, key: dict) -> None:
+        """Remove half-staged units a dead process left in this key's folder (the caller holds its lock)."""
+        if self.enabled and self.writable:
+            clean_stale(self._artifacts(key_hash(key)))
 
     def info(self) -> dict:
         if not self.enabled:
             return {"root": None, "enabled": False}
         units = list(self._units()) if self.base.is_dir() else []
+        inductor = sum(n for _, n, _ in self._inductor_units()) if self.base.is_dir() else 0
         return {"root": str(self.root), "enabled": True, "writable": self.writable, "entries": len(units),
-                "bytes": sum(s for _, s, _ in units), "max_bytes": self.max_bytes, "format": FORMAT}
+                "bytes": sum(s for _, s, _ in units) + inductor, "inductor_bytes": inductor,
+                "max_bytes": self.max_bytes, "format": FORMAT}
 
     def clear(self) -> None:
         """Remove every entry and artifact of this format (and the Inductor/OpenVINO folders under it)."""
@@ -294,57 +377,15 @@ def _first_difference(a: Any, b: Any, path: str = "key") -> str:
     return f"{path}: {str(a)[:60]} != {str(b)[:60]}"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, then ``os.replace`` it in."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+def _bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def publish(tmp: Path, final: Path) -> Path:
-    """Move a finished artifact (file, or folder) into place atomically; if another process got there
-    first, keep theirs (equal by construction: same key) and drop ours."""
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        if not final.exists():
-            raise
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-    return final
-
-
-@contextlib.contextmanager
-def inductor_cache(store: DecisionStore):
-    """Point Inductor's on-disk caches (C++ kernels, FX graphs) at the store during a build, then restore.
-
-    Inductor reads ``TORCHINDUCTOR_CACHE_DIR`` each time it needs the folder; the variable is set only
-    inside this block (contract 3). With freezing, Inductor's FX graph cache is bypassed on CPU whenever
-    oneDNN weight prepacking made mkldnn constants ("mkldnn tensors unpickleable", torch 2.13) and the
-    AOTAutograd cache always is; what still hits across processes is the compiled C++ kernel cache.
-    """
-    folder = store.inductor_dir()
-    if folder is None:
-        yield None
-        return
-    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
-    try:
-        yield folder
-    finally:
-        if previous is None:
-            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-        else:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+            path.unlink()

@@ -1,10 +1,18 @@
 """Warm start, wired into the runtime: what the ladder decided per signature is stored as
 JSON (``store.DecisionStore``), and Inductor's winning graph as an AOTInductor package keyed by the weights'
-content, so a restarted process loads the graph, verifies it once and answers without compiling or racing."""
+content, so a restarted process loads the graph, verifies it once and answers without compiling or racing.
+
+Several processes may warm one cache at once: a signature's build holds its entry's lock (``units``) from
+reading the decision to writing it, so a second process waits, then finds the first one's decision and
+graph and loads them instead of compiling the same thing again."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
+import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,7 +20,8 @@ import torch
 from torch import nn
 
 from ..options import Options, dtype_name
-from . import package, store
+from . import package, store, units
+from .units import EntryLock
 
 log = logging.getLogger("cpuboost")
 
@@ -25,13 +34,35 @@ def _options_key(options: Options) -> dict:
     return key
 
 
+LOCK_WAIT_S = 900.0  # longer than any build we know of; past it, build anyway (publishing stays whole)
+
+
 @dataclasses.dataclass
 class Lookup:
-    """One signature's persistent entry: the stored decision (if any) and where its artifacts live."""
+    """One signature's persistent entry: the stored decision (if any), where its artifacts live, and the
+    entry lock held until ``release`` (after the decision is written, or when the build fails)."""
 
     decision: Optional[dict]
     decision_key: dict
     artifact_dir: Optional[Path]
+    store: Optional[store.DecisionStore] = None
+    lock: Optional[EntryLock] = None
+    waited_s: float = 0.0
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    @contextlib.contextmanager
+    def building(self):
+        """The scope of this signature's build: Inductor's own caches inside the store (``inductor_cache``);
+        a build that raises releases the entry lock (one that returns releases it in ``remember``)."""
+        try:
+            with inductor_cache(self.store) if self.store is not None else contextlib.nullcontext():
+                yield
+        except BaseException:
+            self.release()
+            raise
 
 
 class WarmStart:
@@ -53,22 +84,43 @@ class WarmStart:
         self._weights = None
 
     def lookup(self, original: nn.Module, args: tuple, kwargs: dict) -> Lookup:
+        """The entry for this call's signature, its lock taken first (waiting for another process that is
+        building it), so the decision read is the one that process wrote. The caller must ``release`` it."""
         key = store.make_key(original, args, kwargs, self._options_key, weights=False,
                              backends=("openvino", "torchao"))
         if self._weights is None:
             self._weights = store.weights_digest(original)
-        artifact = self.store.artifact_dir({**key, "weights": self._weights}) if self.store.writable else None
-        return Lookup(self.store.get(key), key, artifact)
+        full = {**key, "weights": self._weights}
+        lock, waited = self.store.entry_lock(full), 0.0
+        if lock is not None:
+            begin = time.monotonic()
+            if lock.acquire(timeout=LOCK_WAIT_S):
+                self.store.sweep(full)  # staging a killed process left behind
+            else:
+                log.warning("cpuboost cache: waited %.0f s for another build of this signature; building too",
+                            LOCK_WAIT_S)
+                lock = None
+            waited = time.monotonic() - begin
+        try:
+            artifact = self.store.artifact_dir(full) if self.store.writable else None
+            return Lookup(self.store.get(key), key, artifact, self.store, lock, waited)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
 
     def remember(self, found: Lookup, rung: Optional[str], yardstick_error: Optional[float] = None) -> None:
         """The decision, with eager autocast's error on this signature (a warm start verifies against it
-        instead of running eager autocast again)."""
-        if yardstick_error is None and found.decision is not None and found.decision.get("rung") == rung:
-            yardstick_error = found.decision.get("yardstick_error")
-        decision: dict = {"rung": rung or "eager"}
-        if yardstick_error is not None:
-            decision["yardstick_error"] = yardstick_error
-        self.store.put(found.decision_key, decision)
+        instead of running eager autocast again); then the entry's lock goes."""
+        try:
+            if yardstick_error is None and found.decision is not None and found.decision.get("rung") == rung:
+                yardstick_error = found.decision.get("yardstick_error")
+            decision: dict = {"rung": rung or "eager"}
+            if yardstick_error is not None:
+                decision["yardstick_error"] = yardstick_error
+            self.store.put(found.decision_key, decision)
+        finally:
+            found.release()
 
     @staticmethod
     def hints(found: Optional[Lookup], prefer: Optional[str], reference_ms: Optional[float]) -> Optional[dict]:
@@ -81,16 +133,67 @@ class WarmStart:
 
 def inductor_artifact(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype, folder: Path,
                       note) -> Any:
-    """The Inductor rung through AOTInductor, persisted in ``folder``: loaded when a graph is already there
-    (no compile), else exported and compiled into it. Raises when export fails (the caller compiles instead)."""
-    pt2 = folder / "graph.pt2"
-    if pt2.exists():
+    """The Inductor rung through AOTInductor, persisted as the unit ``folder/graph``: loaded when it is there
+    and checks out (no compile), else exported and compiled in a staging folder and published whole. A graph
+    that then fails verification is removed by the ladder (``PackagedGraph.forget_cached``). Raises when
+    export fails (the caller compiles instead)."""
+    unit = folder / "graph"
+    if (unit / "graph.pt2").exists():
         try:
-            graph = package.load_graph(pt2)
+            graph = package.load_graph(unit / "graph.pt2", root=folder)
+            graph.cache_unit = unit
             note("loaded from the persistent cache (AOTInductor package, no compile)")
             return graph
-        except (package.PackageFormatError, package.PackageMismatchError, OSError) as exc:
+        except (package.PackageFormatError, package.PackageMismatchError, package.UnsafeLocationError,
+                OSError) as exc:
             note(f"cached graph unusable ({exc}); compiled again")
-    graph, _ = package.compile_aoti(model, args, kwargs, dtype, workdir=folder)
+    staging = units.stage(unit)
+    try:
+        graph, _ = package.compile_aoti(model, args, kwargs, dtype, workdir=staging)
+        units.publish(staging, unit)
+    except BaseException:
+        units.discard(staging)
+        raise
+    graph.path, graph.cache_unit = unit / "graph.pt2", unit
     note("AOTInductor package (export + freezing), kept in the persistent cache")
     return graph
+
+
+_SCOPE_LOCK = threading.Lock()
+_SCOPE: dict = {"depth": 0, "previous": None}
+
+
+@contextlib.contextmanager
+def inductor_cache(cache: store.DecisionStore):
+    """Point Inductor's on-disk caches (C++ kernels, FX graphs) at the store during a build, then restore,
+    so the size bound covers them and ``trim`` can evict them (it waits for no build to hold ``builds_lock``).
+
+    Inductor reads ``TORCHINDUCTOR_CACHE_DIR`` each time it needs the folder; the variable is set only
+    inside this block (contract 3), counted across threads: the first build to enter sets it, the last to
+    leave restores it (two overlapping builds never restore each other's value; a second store's build that
+    overlaps uses the first one's folder). With freezing, Inductor's FX graph cache is bypassed on CPU
+    whenever oneDNN weight prepacking made mkldnn constants and the AOTAutograd cache always is; what still
+    hits across processes is the compiled C++ kernel cache.
+    """
+    folder = cache.inductor_dir()
+    builds = cache.builds_lock()
+    if folder is None or builds is None or not builds.acquire(timeout=60, shared=True):
+        yield None
+        return
+    with _SCOPE_LOCK:
+        if _SCOPE["depth"] == 0:
+            _SCOPE["previous"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+        _SCOPE["depth"] += 1
+        current = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    try:
+        yield Path(current)
+    finally:
+        with _SCOPE_LOCK:
+            _SCOPE["depth"] -= 1
+            if _SCOPE["depth"] == 0:
+                if _SCOPE["previous"] is None:
+                    os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+                else:
+                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _SCOPE["previous"]
+        builds.release()

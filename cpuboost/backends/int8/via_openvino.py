@@ -5,13 +5,12 @@ built in 5 s against 17 s. Dynamic int8 (no calibration) has no OpenVINO form: i
 ops have no conversion rule.
 
 With a persistent cache folder the converted model is kept there as OpenVINO IR, with its measured accuracy
-beside it (written last: an entry without it is incomplete and not loaded), so a restarted process compiles
-the IR (about a second) instead of calibrating, quantizing and converting again."""
+and the SHA-256 of both files beside it, published as one unit (``persist.units``: staged, then renamed into
+place), so a restarted process compiles the IR (about a second) instead of calibrating, quantizing and
+converting again, and never reads an ``.xml`` of one build beside the ``.bin`` of another."""
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,22 +19,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...persist import units
 from .accuracy import assess, describe, refusal
 from .calibration import check_calibration
 from .quantize import _pt2e, quantized_copy
 
-GRAPH = "openvino_int8"  # openvino_int8.xml/.bin (IR) + openvino_int8.json (accuracy) in the artifact folder
+GRAPH = "openvino_int8"  # the unit folder, holding openvino_int8.xml/.bin (IR) + openvino_int8.json (record)
 
 
 def _load_cached(folder: Path, model: nn.Module, args: tuple, kwargs: dict, precision: torch.dtype,
                  note: Callable[[str], None]) -> Callable | None:
     from .. import openvino
 
-    sidecar, xml = folder / f"{GRAPH}.json", folder / f"{GRAPH}.xml"
+    unit = folder / GRAPH
+    sidecar, xml = unit / f"{GRAPH}.json", unit / f"{GRAPH}.xml"
     if not sidecar.exists() or not xml.exists():
         return None
     try:
-        measured = json.loads(sidecar.read_text(encoding="utf-8"))["int8_accuracy"]
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+        units.check_files(unit, record.get("files"), str(unit))
+        measured = record["int8_accuracy"]
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
             reference = model(*args, **kwargs)  # the answers' structure and dtypes
         runner = openvino.load(xml, args, kwargs, reference, precision)
@@ -43,19 +46,17 @@ def _load_cached(folder: Path, model: nn.Module, args: tuple, kwargs: dict, prec
         note(f"int8: cached OpenVINO graph unusable ({type(exc).__name__}: {str(exc)[:120]}); built again")
         return None
     note("int8 OpenVINO graph loaded from the persistent cache (IR: no calibration, no conversion)")
+    runner.forget_cached = lambda: units.discard(unit)  # failed verification here: not loaded again
     runner.accuracy_summary = (f"int8 static (OpenVINO) vs eager fp32 at build, on {measured.get('inputs', 1)} "
                                f"input(s): {describe(measured)}")
     return runner
 
 
-def _keep(folder: Path, staged: Path, measured: dict) -> None:
-    """The staged IR under its final name, then the sidecar that marks the entry complete."""
-    from ...persist.store import atomic_write
-
-    os.replace(staged.with_suffix(".bin"), folder / f"{GRAPH}.bin")
-    os.replace(staged, folder / f"{GRAPH}.xml")
+def _keep(folder: Path, staging: Path, measured: dict) -> None:
+    """The staged IR and its record (accuracy, digests) published as the unit ``folder/GRAPH``."""
     accuracy = {k: v for k, v in measured.items() if k != "problem"}
-    atomic_write(folder / f"{GRAPH}.json", json.dumps({"int8_accuracy": accuracy}).encode())
+    units.seal(staging, f"{GRAPH}.json", {"int8_accuracy": accuracy})
+    units.publish(staging, folder / GRAPH)
 
 
 def build(model: nn.Module, args: tuple, kwargs: dict, calibration: Any, note: Callable[[str], None],
@@ -84,20 +85,18 @@ def build(model: nn.Module, args: tuple, kwargs: dict, calibration: Any, note: C
          f"batch(es); quantize {time.perf_counter() - started:.1f} s")
     from ...core.verify import INT8_BOUND
 
-    staged = folder / f".{GRAPH}.{os.getpid()}.xml" if folder is not None else None
+    staging = units.stage(folder / GRAPH) if folder is not None else None
     try:
-        runner = openvino.build(quantized, args, kwargs, precision, note, via_export=True,
-                                probe_tolerance=INT8_BOUND, save_to=staged)
+        runner = openvino.build(quantized, args, kwargs, precision, note, via_export=True, probe_tolerance=INT8_BOUND,
+                                save_to=staging / f"{GRAPH}.xml" if staging is not None else None)
         with torch.no_grad():
             output = runner(*args, **kwargs)
         got, summary, problem = assess("int8 static (OpenVINO)", runner, output, reference, references, batches,
                                        tolerance, note)
         if folder is not None and not problem:
-            _keep(folder, staged, got)
+            _keep(folder, staging, got)
     finally:
-        for leftover in (staged, staged.with_suffix(".bin")) if staged is not None else ():
-            with contextlib.suppress(OSError):
-                leftover.unlink()
+        units.discard(staging)  # gone already once published
     if problem:
         raise refusal(f"OpenVINO int8 graph of {type(model).__name__}", problem)
     runner.accuracy_summary = summary
