@@ -76,7 +76,8 @@ class Branchy(nn.Module):
 
 
 def run_in_threads(worker, count: int, timeout: float = 120.0) -> list[BaseException]:
-    """Run ``worker(i)`` in ``count`` threads at once; return what any of them raised."""
+    """Run ``worker(i)`` in ``count`` threads at once; return what any of them raised. A thread still running
+    after ``timeout`` fails the test (a hang is a failure, not a pass)."""
     import threading
 
     errors: list[BaseException] = []
@@ -92,4 +93,6 @@ def run_in_threads(worker, count: int, timeout: float = 120.0) -> list[BaseExcep
         t.start()
     for t in threads:
         t.join(timeout)
+    stuck = [t.name for t in threads if t.is_alive()]
+    assert not stuck, f"{len(stuck)} of {count} worker threads still running after {timeout:.0f} s: {stuck}"
     return errors

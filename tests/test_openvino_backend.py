@@ -1,8 +1,6 @@
 """The OpenVINO backend against eager fp32, with real OpenVINO (no mocks). Skipped where OpenVINO is absent."""
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 from torch import nn
@@ -11,6 +9,8 @@ pytest.importorskip("openvino")
 transformers = pytest.importorskip("transformers")
 
 from cpuboost.backends.openvino import OpenVINOBuildError, build
+
+from nets import run_in_threads
 
 FP32_TOL = 1e-4   # max|diff| / max|eager fp32|, per output tensor
 BF16_TOL = 3e-2
@@ -247,6 +247,8 @@ def test_float16_not_native_is_refused_or_runs_f16():
 
 
 def test_threads_share_one_callable(conv_builds):
+    """Four threads calling one compiled model at once get the single-threaded answers (each thread has its
+    own infer request); every worker must finish and none may raise."""
     _, fn, _ = conv_builds(torch.float32)
     xs = [torch.randn(2, 3, 32, 32) for _ in range(8)]
     expected = [fn(x) for x in xs]
@@ -255,9 +257,7 @@ def test_threads_share_one_callable(conv_builds):
     def worker(t: int) -> None:
         results[t] = [fn(x) for x in xs for _ in range(3)][::3]
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(torch.equal(a, b) for got in results.values() for a, b in zip(got, expected))
+    assert run_in_threads(worker, 4) == []
+    assert sorted(results) == [0, 1, 2, 3]
+    assert all(len(got) == len(xs) and all(torch.equal(a, b) for a, b in zip(got, expected))
+               for got in results.values())
