@@ -85,7 +85,7 @@ def _paths(model, a: argparse.Namespace) -> dict[str, tuple[Callable[[], Callabl
     """name -> (build the generate callable, bytes per matmul-weight element its decode step reads)."""
     import torch
 
-    from cpuboost.core.generation import GenerationRunner
+    from cpuboost.generation import GenerationRunner
 
     def eager(dtype):
         def build():

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from cpuboost.core.generation import GenerationLengthError, GenerationRunner, can_route
+from cpuboost.generation import GenerationLengthError, GenerationRunner, can_route
 from cpuboost.errors import CpuBoostError
 
 transformers = pytest.importorskip("transformers")
@@ -79,7 +79,7 @@ def test_eager_copy_matches_autocast_exactly_and_leaves_the_model_alone(llama, i
     assert torch.equal(out, _eager(llama, ids, torch.bfloat16, max_new_tokens=10, do_sample=False))
     assert _untouched(llama, before)
     assert all(p.dtype == torch.float32 for p in llama.parameters())
-    work = runner._work
+    work = runner._copies.work
     assert work.lm_head.weight.dtype == torch.bfloat16
     assert work.model.embed_tokens.weight is llama.model.embed_tokens.weight  # shared, not copied
     assert any("compile=False" in n for n in notes)

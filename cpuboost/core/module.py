@@ -369,7 +369,7 @@ class OptimizedModule(ModelProxy):
 
     def __getattr__(self, name: str) -> Any:
         if name == "generate" and hasattr(self.__dict__["_original"], "generate"):
-            from .generation import generate_for  # generate() through the optimized path, or as eager runs it
+            from ..generation import generate_for  # generate() through the optimized path, or as eager runs it
 
             return functools.partial(generate_for, self)
         return super().__getattr__(name)

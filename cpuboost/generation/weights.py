@@ -1,0 +1,131 @@
+"""Weight-only int8 / int4 matmul layers for the decode copy: a decode step is bound by reading weights, so
+fewer bytes per weight is the speed. Activations stay bf16; the layers run outside autocast.
+
+- int8: torchao ``Int8WeightOnlyConfig`` through ``quantize_`` (per-output-channel symmetric); Inductor lowers
+  it to its fused weight-only int8 kernel.
+- int4: aten's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``, group-wise asymmetric, what torchao's CPU
+  int4 layout wraps; torchao 0.18's own ``Int4WeightOnlyConfig`` needs ``mslk`` kernels on CPU).
+Each layer can give its weight back dequantized, so the judge's yardstick is an eager run of exactly
+the quantized weights: the quantization's own error (DESIGN contract 1)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .copies import matmul_layers
+
+KINDS = ("int8", "int4")
+_GROUP_SIZES = (128, 64, 32)
+
+
+class WeightOnlyLinear(nn.Module):
+    """A linear layer whose weight is held quantized; bf16 activations in, bf16 out (as autocast's linear)."""
+
+    def __init__(self, linear: nn.Module) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        bias = linear.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        with torch.autocast("cpu", enabled=False):
+            out = self._matmul(flat)
+            if self.bias is not None:
+                out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantized(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int8Linear(WeightOnlyLinear):
+    def __init__(self, linear: nn.Module) -> None:
+        super().__init__(linear)
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        holder = nn.Linear(self.in_features, self.out_features, bias=False)
+        holder.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
+        quantize_(holder, Int8WeightOnlyConfig())
+        self.weight = holder.weight
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.dequantize().float()
+
+
+class Int4Linear(WeightOnlyLinear):
+    def __init__(self, linear: nn.Module, group_size: int) -> None:
+        super().__init__(linear)
+        weight = linear.weight.detach().float()
+        n, k = weight.shape
+        groups = weight.view(n, k // group_size, group_size)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = ((high - low) / 15).clamp(min=1e-6)
+        codes = torch.clamp(torch.round((groups - low) / scale), 0, 15).to(torch.int32)
+        zero = low + 8 * scale  # the kernel computes (code - 8) * scale + zero
+        scales_and_zeros = torch.stack([scale.view(n, -1), zero.view(n, -1)], -1).transpose(0, 1)
+        self.group_size = group_size
+        self.register_buffer("scales_and_zeros", scales_and_zeros.contiguous().to(torch.bfloat16))
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.view(n, k), 1))
+        # for the judge's yardstick only: one byte per weight, a quarter of what fp32 would keep
+        self._codes, self._scale, self._zero = codes.to(torch.uint8), scale.bfloat16(), zero.bfloat16()
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+
+    def dequantized(self) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        return ((self._codes.float() - 8) * self._scale.float() + self._zero.float()).view(n, k)
+
+
+def unavailable(kind: str) -> Optional[str]:
+    """None when weight-only ``kind`` can run on this torch and CPU, else why not (and what to do)."""
+    if kind == "int8":
+        try:
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_  # noqa: F401
+        except Exception as exc:  # ImportError, or a torchao built for another torch
+            return (f"weight-only int8 needs torchao ({type(exc).__name__}: {str(exc)[:120]}); "
+                    "pip install torchao, or use dtype='bf16'")
+        return None
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return f"torch {torch.__version__} has no CPU int4 kernel (_weight_int4pack_mm_for_cpu); use dtype='int8'"
+    return None
+
+
+def quantize_matmul_weights(model: nn.Module, kind: str) -> tuple[int, list[str]]:
+    """Replace the matmul layers of ``model`` (a private copy) by weight-only ``kind`` layers. Returns the
+    number replaced and the layers kept in their dtype, with why."""
+    replaced, kept = 0, []
+    for name, module in list(matmul_layers(model)):
+        if not isinstance(module, nn.Linear):
+            kept.append(f"{name} ({type(module).__name__})")
+            continue
+        if kind == "int8":
+            layer: nn.Module = Int8Linear(module)
+        else:
+            group = next((g for g in _GROUP_SIZES if module.in_features % g == 0), None)
+            if group is None:
+                kept.append(f"{name} (in_features {module.in_features} not a multiple of 32)")
+                continue
+            layer = Int4Linear(module, group)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, layer)
+        replaced += 1
+    return replaced, kept
+
+
+def fake_quantized(model: nn.Module, quantized: nn.Module) -> nn.Module:
+    """``model`` (a shared fp32 copy) with each weight ``quantized`` holds replaced by its dequantized value."""
+    for name, module in quantized.named_modules():
+        if isinstance(module, WeightOnlyLinear):
+            target = model.get_submodule(name)
+            target._parameters["weight"] = nn.Parameter(module.dequantized(), requires_grad=False)
+    return model
