@@ -193,3 +193,62 @@ def test_many_threads_share_one_loaded_graph(built):
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda x: graph(x, scale=0.5)["out"].logits, inputs * 3))
     assert all(torch.equal(a, b) for a, b in zip(alone * 3, together))
+
+
+def test_package_records_the_full_cpu_flag_list_and_every_graph_digest(built):
+    """Inductor compiles with -march=native: the package needs every flag /proc/cpuinfo lists, not a subset."""
+    manifest = json.loads((built["package"] / "manifest.json").read_text())
+    with open("/proc/cpuinfo", encoding="utf-8") as fh:
+        here = next(set(line.partition(":")[2].split()) for line in fh if line.startswith(("flags", "Features")))
+    assert set(manifest["needs"]["cpu_flags"]) == here
+    assert {"fpu", "sse2"} <= set(manifest["needs"]["cpu_flags"])  # outside the 22 codegen flags kept before
+    assert all(len(g["sha256"]) == 64 for g in manifest["graphs"])
+
+
+def test_tampered_package_artifact_is_a_format_error(built, tmp_path):
+    """Same size, one byte changed (a planted .so would keep the size too): the SHA-256 check refuses it."""
+    copy = _copy(built, tmp_path)
+    graph = next(copy.glob("*.pt2"))
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(pkg.PackageFormatError, match="SHA-256"):
+        pkg.load_package(copy)
+
+
+@pytest.mark.parametrize("where", ["../outside.pt2", "ABSOLUTE", "link.pt2"])
+def test_manifest_path_outside_the_package_is_refused(built, tmp_path, where):
+    """A manifest naming ``../x``, an absolute path, or a link out of the package loads nothing from there."""
+    copy = _copy(built, tmp_path)
+    graph = next(copy.glob("*.pt2"))
+    outside = tmp_path / "outside.pt2"
+    shutil.copyfile(graph, outside)  # a real, loadable graph: only its place makes it wrong
+    if where == "ABSOLUTE":
+        where = str(outside)
+    elif where == "link.pt2":
+        (copy / where).symlink_to(outside)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["graphs"][0]["file"] = where
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(pkg.PackageFormatError, match="outside|relative"):
+        pkg.load_package(copy)
+
+
+def test_package_in_a_folder_others_can_write_is_refused(built, tmp_path):
+    copy = _copy(built, tmp_path)
+    copy.chmod(0o777)
+    with pytest.raises(pkg.UnsafeLocationError, match="writable by others"):
+        pkg.load_package(copy)
+    copy.chmod(0o755)
+    assert pkg.load_package(copy).signatures
+
+
+def test_damaged_manifest_fields_are_format_errors(built, tmp_path):
+    """Wrong types anywhere in the manifest: a typed error, never a KeyError or TypeError."""
+    copy = _copy(built, tmp_path)
+    manifest = json.loads((built["package"] / "manifest.json").read_text())
+    for broken in ({**manifest, "graphs": [{"file": 3}]}, {**manifest, "graphs": "x"},
+                   {**manifest, "graphs": [{**manifest["graphs"][0], "inputs": None}]}):
+        (copy / "manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(pkg.PackageFormatError):
+            pkg.load_package(copy)

@@ -2,19 +2,25 @@
 (``package`` writes and reads the folder)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from ..options import dtype_name
 from . import package
+from .errors import PackagedPathWarning
 
 
 def save(optimized: Any, path: str | Path) -> Path:
     """A self-contained package of the signatures ``optimized`` has built: one AOTInductor graph each, plus a
-    JSON manifest (signatures, dtype, versions, the CPU features it needs). Graphs built through the
-    persistent cache are copied, the others compiled now from the recorded example inputs."""
+    JSON manifest (signatures, dtype, versions, every CPU flag it needs, each graph's SHA-256). Graphs built
+    through the persistent cache are copied, the others compiled now from the recorded example inputs and
+    judged by the runtime's own rule (``verify.compare``, the model's ``tolerance``). A signature the runtime
+    serves another way (OpenVINO, IPEX, eager, an int8 graph not in the cache) gets an Inductor graph in the
+    package, which answers differently from what served: ``PackagedPathWarning`` says which signatures."""
     if not callable(getattr(optimized, "_examples", None)):  # an OptimizedModule (inference)
         from ..errors import UnsupportedTargetError
 
@@ -27,13 +33,33 @@ def save(optimized: Any, path: str | Path) -> Path:
 
         raise CpuBoostError("nothing to save yet: call the optimized model once per input signature it should "
                             "serve (each call builds and verifies that signature), then cpuboost.save() it")
-    dtype = optimized._options.dtype if optimized._options.dtype != torch.int8 else torch.float32
-    extra = {"model": type(optimized._original).__name__, "options": optimized._options.describe()}
+    options = optimized._options
+    dtype = options.dtype if options.dtype != torch.int8 else torch.float32
+    extra = {"model": type(optimized._original).__name__, "options": options.describe()}
     built = [entry.fn.path for entry, _ in examples if isinstance(entry.fn, package.PackagedGraph)]
     if len(built) == len(examples):
         return package.pack_graphs(built, path, extra)
+    others = [f"[{entry.record.signature}] served by {entry.record.path} {entry.record.dtype}".rstrip()
+              for entry, _ in examples if not isinstance(entry.fn, package.PackagedGraph)]
+    warnings.warn(f"cpuboost.save(): {'; '.join(others)} at runtime, but a package holds AOTInductor graphs only: "
+                  f"the package gets an Inductor {dtype_name(dtype)} graph for those signatures instead, judged "
+                  "against eager fp32 by the runtime's rule. Its answers differ from the runtime's within that "
+                  "bound; keep the optimized model (and its cache) to serve exactly what was verified",
+                  PackagedPathWarning, stacklevel=3)
     work = optimized._working_copy(*examples[0][1])
-    return package.save_package(work, [example for _, example in examples], dtype, path, extra)
+    return package.save_package(work, [example for _, example in examples], dtype, path, extra,
+                                judge=_runtime_rule(dtype, options.tolerance), reference_module=optimized._eval_model())
+
+
+def _runtime_rule(dtype: torch.dtype, tolerance: Optional[float]):
+    """The runtime's verification (eager autocast's error as the yardstick, the model's ``tolerance``)."""
+    from ..core import verify
+
+    def judge(reference: Any, output: Any, yardstick: Any) -> tuple[bool, str]:
+        verdict = verify.compare(reference, output, dtype, yardstick, tolerance)
+        return verdict.ok, str(verdict)
+
+    return judge
 
 
 def load(path: str | Path, **kwargs: Any) -> nn.Module:

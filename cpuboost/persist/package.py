@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -74,17 +74,23 @@ def _tolerance_ok(reference: Any, yard: Any, out_leaves: Sequence[torch.Tensor],
 # -- deployment packages --------------------------------------------------------------------------------------
 def save_package(module: nn.Module, examples: Sequence[tuple[tuple, dict]], dtype: Union[str, torch.dtype],
                  path: Union[str, os.PathLike], extra_manifest: Optional[dict] = None, *, verify: bool = True,
-                 march: Optional[str] = None, overwrite: bool = True) -> Path:
+                 march: Optional[str] = None, overwrite: bool = True,
+                 judge: Optional[Callable[[Any, Any, Any], tuple[bool, str]]] = None,
+                 reference_module: Optional[nn.Module] = None) -> Path:
     """Compile one AOTInductor graph per example signature into the folder ``path`` with a manifest.
 
     ``module``: what should run (the working copy after module passes, in eval mode; not an IPEX-traced
     model). ``examples``: ``[(args, kwargs), ...]``, one per signature to serve. Each graph is checked against
-    eager fp32 (``verify``) within the dtype's tolerance before anything is written. The folder is built
+    eager fp32 (``verify``) within the dtype's tolerance before anything is written; ``judge(reference,
+    output, eager autocast's output)`` -> (ok, detail) replaces the built-in bound (``cpuboost.save`` passes
+    the runtime's own rule, ``core.verify.compare`` with the model's ``tolerance``, and the user's own model
+    as ``reference_module``: the references are then its eager answers, not the rewritten ``module``'s). The folder is built
     beside ``path`` and renamed into place, so a crash leaves the old package (or none), never half of one.
     Graphs the runtime already compiled with ``compile_aoti`` need no second compile: see ``pack_graphs``.
     """
     dtype = _dtype(dtype)
     path = Path(path)
+    eager = reference_module if reference_module is not None else module
     if not examples:
         raise PackageFormatError("save_package needs at least one example (args, kwargs)")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,22 +103,26 @@ def save_package(module: nn.Module, examples: Sequence[tuple[tuple, dict]], dtyp
             if key in seen:
                 continue
             seen.add(key)
-            with _eval_mode(module):
-                reference = _eager(module, args, kwargs, torch.float32)
+            with _eval_mode(eager):
+                reference = _eager(eager, args, kwargs, torch.float32)
             graph, file = compile_aoti(module, args, kwargs, dtype, workdir=staging, name=f"graph-{i}",
                                        march=march, reference=reference)
             if verify:
-                with _eval_mode(module):
-                    yard = _eager(module, args, kwargs, dtype) if dtype != torch.float32 else None
+                with _eval_mode(eager):
+                    yard = _eager(eager, args, kwargs, dtype) if dtype != torch.float32 else None
+                out = graph(*args, **kwargs)
                 out_leaves: list = []
-                describe_tree(graph(*args, **kwargs), out_leaves, inputs=False)
+                describe_tree(out, out_leaves, inputs=False)
                 ok, errors = _tolerance_ok(reference, yard, out_leaves, dtype)
                 graph.meta["max_rel_error"] = [round(e, 6) if e != float("inf") else "inf" for e in errors]
+                if judge is not None:
+                    ok, graph.meta["verification"] = judge(reference, out, yard)
                 units.atomic_write(file.with_suffix(".json"), json.dumps(graph.meta, indent=1).encode())
                 if not ok:
                     raise PackageVerificationError(
                         f"the compiled graph for signature {i} differs from eager fp32 by {errors} (relative to "
-                        f"each output's max); not saved. Try dtype='fp32' or report the model")
+                        f"each output's max; {graph.meta.get('verification', 'the dtype bound')}); not saved. "
+                        "Try dtype='fp32' or report the model")
             files.append(file)
         return pack_graphs(files, path, extra_manifest, overwrite=overwrite)
     finally:
