@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..machine import hardware
-from ..errors import ModelModeError
+from ..errors import ModelModeError, UnsupportedTargetError
 from ..options import Options
 from ..passes import training as train_passes
 from ..core.proxy import ModelProxy
@@ -162,6 +162,16 @@ def check_train_mode(model: nn.Module, optimizer: Any, options: Options) -> None
     raise ModelModeError(msg)
 
 
+def check_not_data_parallel(model: nn.Module) -> None:
+    """DDP (accelerate's ``prepare`` on several processes) goes around the model cpuboost wraps, not inside it."""
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        return
+    msg = ("the model is already wrapped in DistributedDataParallel (accelerator.prepare on several processes "
+           "does that); optimize it with cpuboost first and wrap or prepare the result: "
+           "model, opt = cpuboost.optimize(model, opt); model, opt = accelerator.prepare(model, opt)")
+    raise UnsupportedTargetError(msg)
+
+
 @dataclasses.dataclass
 class _Snapshot:
     """References (no copies) to everything a train pass may rebind, to roll a failed pass back."""
@@ -217,6 +227,7 @@ def prepare_training(model: nn.Module, optimizer, options: Options, plan: Plan):
     The optimizer comes back as the same object (LR schedulers attached to it keep working).
     """
     check_train_mode(model, optimizer, options)
+    check_not_data_parallel(model)
     hw = hardware.detect()
     report = Report(
         model=type(model).__name__,
