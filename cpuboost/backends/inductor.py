@@ -3,7 +3,10 @@ epilogues), compiled now for one example input.
 
 Inductor's config is patched only around the build, never globally. Each build compiles a runner with a
 fresh code object, so every graph owns its dynamo cache entry and dropping it lets the compiled code go.
-Call-time recompiles are forbidden: a guard miss raises instead of serving a graph nobody verified.
+Call-time recompiles are forbidden: a guard miss raises instead of serving a graph nobody verified. That is
+done per call and per thread (``serve_only``), never with ``torch.compiler.set_stance``: the stance is
+process-wide, so threads interleaving its context manager could leave the user's own torch.compile in
+``fail_on_recompile``.
 """
 from __future__ import annotations
 
@@ -31,21 +34,49 @@ def _mark_dynamic(args: tuple, kwargs: dict, dynamic_dims: DynamicDims) -> None:
                 torch._dynamo.mark_dynamic(value, dim)
 
 
+def serve_only(compiled: nn.Module) -> Callable:
+    """``compiled`` (a torch.compile'd module, already compiled) as a callable that runs its cached graphs and
+    raises ``RecompileRefused`` where a guard rejects a call, instead of compiling or running eager.
+
+    It installs, for the call and in the calling thread only (dynamo's eval-frame callback is thread-local),
+    the same callback ``set_stance("fail_on_recompile")`` installs (torch/_dynamo/eval_frame.py
+    ``_callback_from_stance``), naming the compiled backend so the cached entries' backend guard matches.
+    ``torch._dynamo.run`` (callback False) would run eager silently on a guard miss: nothing to detect.
+    A stance the user set process-wide still applies on top, as torch applies it to every compiled call."""
+    from torch._dynamo import convert_frame, trace_rules
+    from torch._dynamo.eval_frame import _TorchDynamoContext
+
+    def refuse_new_frame(frame: Any, *_: Any, **__: Any) -> Any:
+        if trace_rules.check(frame.f_code) or not convert_frame.has_tensor_in_frame(frame):
+            return convert_frame.ConvertFrameReturn()  # what the stance does: frames it would not compile
+        raise RecompileRefused(f"a guard of the compiled graph rejected this call ({frame.f_code.co_name}, "
+                               f"line {frame.f_lineno}); it would need a compile nobody verified")
+
+    refuse_new_frame._torchdynamo_orig_backend = compiled.dynamo_ctx.callback  # type: ignore[attr-defined]
+    return _TorchDynamoContext(refuse_new_frame)(compiled.forward._torchdynamo_orig_callable)
+
+
+def call_served(serve: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Calls a ``serve_only`` callable; the user's own process-wide fail_on_recompile stance raises torch's
+    "Detected recompile" instead of ours: the same refusal."""
+    try:
+        return serve(*args, **kwargs)
+    except RuntimeError as exc:
+        if not isinstance(exc, RecompileRefused) and "Detected recompile" in str(exc):
+            raise RecompileRefused(str(exc).splitlines()[0]) from exc
+        raise
+
+
 class CompiledGraph:
     """A compiled runner that may only run the graph built for it (no silent call-time recompile)."""
 
-    def __init__(self, compiled: Callable, cpp_wrapper: bool) -> None:
+    def __init__(self, compiled: nn.Module, cpp_wrapper: bool) -> None:
         self.compiled = compiled
         self.cpp_wrapper = cpp_wrapper
+        self.serve = serve_only(compiled)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            with torch.compiler.set_stance("fail_on_recompile"):
-                return self.compiled(*args, **kwargs)
-        except RuntimeError as exc:
-            if "fail_on_recompile" in str(exc) or "Detected recompile" in str(exc):
-                raise RecompileRefused(str(exc).splitlines()[0]) from exc
-            raise
+        return call_served(self.serve, *args, **kwargs)
 
 
 def compile_now(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype, cpp_wrapper: bool,

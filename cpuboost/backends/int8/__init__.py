@@ -49,7 +49,7 @@ from ...errors import (
     NotQuantizableError,
     QuantizationError,
 )
-from ..inductor import RecompileRefused
+from ..inductor import call_served, serve_only
 from . import packaged
 from .accuracy import (
     accuracy,
@@ -118,21 +118,18 @@ class Int8Callable:
 
     def __init__(self, compiled: Callable, template: Any, scheme: str, clone_inputs: bool):
         self.compiled, self.template, self.scheme, self.clone_inputs = compiled, template, scheme, clone_inputs
+        self.serve: Callable | None = None  # set once compiled: from then on a guard miss raises
 
     def _run(self, args: tuple, kwargs: dict) -> Any:
         if self.clone_inputs:
             args, kwargs = _clone_float_inputs(args, kwargs)
         with torch.no_grad():
-            return cast_like(self.template, self.compiled(*args, **kwargs))
+            if self.serve is None:
+                return cast_like(self.template, self.compiled(*args, **kwargs))
+            return cast_like(self.template, call_served(self.serve, *args, **kwargs))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            with torch.compiler.set_stance("fail_on_recompile"):
-                return self._run(args, kwargs)
-        except RuntimeError as exc:
-            if "fail_on_recompile" in str(exc) or "Detected recompile" in str(exc):
-                raise RecompileRefused(str(exc).splitlines()[0]) from exc
-            raise
+        return self._run(args, kwargs)
 
     def __repr__(self) -> str:
         return f"Int8Callable(scheme={self.scheme!r})"
@@ -230,4 +227,6 @@ def _compile(quantized: nn.Module, args: tuple, kwargs: dict, template: Any, sch
     with inductor_config.patch(patches), warnings.catch_warnings():
         for message in _COMPILE_NOISE:
             warnings.filterwarnings("ignore", message=message)
-        return runner, runner._run(args, kwargs)
+        output = runner._run(args, kwargs)
+    runner.serve = serve_only(compiled)
+    return runner, output
