@@ -4,6 +4,7 @@ that keyword is new in transformers 5.2x (5.5.x and 4.x reject it as an unused m
 concurrent call: a pool hands each call its own, so calls on one graph never share KV state."""
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 from typing import Any, Optional
@@ -36,8 +37,30 @@ def new_static_cache(model: nn.Module, batch: int, length: int) -> Any:
     offered = {"config": config, "max_cache_len": length, "max_batch_size": batch, "batch_size": batch,
                "dtype": _cache_dtype(model), "device": "cpu"}
     cache = StaticCache(**{k: v for k, v in offered.items() if k in accepted})
+    for layer in getattr(cache, "layers", ()) or ():
+        if _one_dtype_layer(type(layer)):
+            layer.update = _values_as_keys(layer.update)
     unmark_static(cache)
     return cache
+
+
+@functools.lru_cache(maxsize=None)
+def _one_dtype_layer(layer_type: type) -> bool:
+    """Layers that lay out values in the keys' dtype (transformers 5.5.x). Under autocast keys come out of RoPE
+    in fp32 and values out of a bf16 linear, so storing a value fails ("index_copy_(): self and source expected
+    to have the same dtype"); 5.2x lays each out in its own dtype."""
+    try:
+        source = inspect.getsource(layer_type.lazy_initialization)
+    except (AttributeError, OSError, TypeError):
+        return False
+    return "value_states.dtype" not in source
+
+
+def _values_as_keys(update: Any) -> Any:
+    def update_in_keys_dtype(key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return update(key_states, value_states.to(key_states.dtype), *args, **kwargs)
+
+    return update_in_keys_dtype
 
 
 def _cache_dtype(model: nn.Module) -> torch.dtype:
