@@ -85,7 +85,8 @@ def test_mlps_with_batchnorm_match_eager(sizes, batch, dtype, seed):
 @settings(max_examples=20)
 @given(st.lists(st.tuples(st.integers(1, 4), st.integers(3, 9)), min_size=1, max_size=5))
 def test_new_shapes_rebuild_and_stay_correct(shapes):
-    """Every new input shape gets its own verified entry; answers match eager for each."""
+    """Every new input shape gets its own entry, checked against eager until its dynamic graph passed on two
+    sizes, then sampled; answers match eager for each."""
     net = randomize_bn(MLP([3, 6, 2])).eval()
     model = cpuboost.optimize(net, dtype="fp32", fusion=False)
     for batch, _ in shapes:
@@ -94,4 +95,6 @@ def test_new_shapes_rebuild_and_stay_correct(shapes):
             torch.testing.assert_close(model(x), net(x), rtol=1e-4, atol=1e-5)
     report = cpuboost.explain(model)
     assert len(report.graphs) == len({b + 1 for b, _ in shapes})
-    assert all(g.verification.startswith(("ok", "is the reference")) for g in report.graphs), str(report)
+    assert all(g.verification.startswith(("ok", "is the reference", "size not checked", "eager: the reference"))
+               for g in report.graphs), str(report)
+    assert all(g.verification.startswith(("ok", "is the reference")) for g in report.graphs[:3]), str(report)

@@ -1,11 +1,15 @@
 """Shapes that change: one dynamic graph per input structure, each new size verified once, no storms."""
+import copy
+import time
 import warnings
 
 import pytest
 import torch
 import transformers
+from torch import nn
 
 import cpuboost
+from cpuboost.core import registry
 from cpuboost.errors import InvalidOptionError
 
 from nets import MLP, randomize_bn
@@ -25,7 +29,8 @@ def _ids(length, batch=1):
 
 def test_many_lengths_build_two_graphs_and_verify_every_size():
     """Twelve sequence lengths: the first builds a static graph, the second one dynamic graph that serves
-    the rest; every answer matches eager; no recompile warning."""
+    the rest; every answer matches eager; no recompile warning. Eager serves here (nothing beat it): it is
+    the reference, so a new size costs one eager call and nothing is checked twice."""
     net = _tiny_bert()
     model = cpuboost.optimize(net, dtype="fp32", fusion=False, tune_budget=0)
     with warnings.catch_warnings():
@@ -38,8 +43,49 @@ def test_many_lengths_build_two_graphs_and_verify_every_size():
     graphs = cpuboost.explain(model).graphs
     built = [g for g in graphs if not g.rungs or not g.rungs[0].fate.startswith("served (dynamic")]
     assert len(built) <= 2, str(cpuboost.explain(model))
-    assert all(g.verification.startswith(("ok", "is the reference")) for g in graphs)
-    assert len(graphs) == 12  # every size was verified once, on its first call
+    assert len(graphs) == 12, str(cpuboost.explain(model))  # one record per size, on its first call
+    assert all(g.verification.startswith(("ok", "is the reference", "eager: the reference")) for g in graphs)
+
+
+class SlowEager(nn.Module):
+    """An MLP whose original call sleeps 10 ms: the test graph below (the same layers, no sleep) always wins."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net, self.slow = randomize_bn(MLP([8, 16, 4])).eval(), True
+
+    def forward(self, x):
+        if self.slow:
+            time.sleep(0.01)
+        return self.net(x)
+
+
+def test_a_dynamic_graph_checks_new_sizes_until_it_passed_twice_then_samples():
+    """A compiled-style dynamic graph serves new batch sizes: each is checked against eager until the graph has
+    passed on two sizes, then every fourth; unchecked sizes cost the served call alone, answers stay eager's."""
+    def no_sleep(model, args, kwargs, ctx):
+        fast = copy.deepcopy(model)
+        fast.slow = False
+        return lambda *a, **k: fast(*a, **k)
+
+    registry.register_pass(no_sleep, name="test_no_sleep", kind="graph", modes="infer", dtypes=(torch.float32,))
+    try:
+        net = SlowEager()
+        model = cpuboost.optimize(net, dtype="fp32", fusion=False, tune_budget=0)
+        for batch in range(2, 14):
+            x = torch.randn(batch, 8)
+            with torch.no_grad():
+                torch.testing.assert_close(model(x), net(x), rtol=1e-5, atol=1e-6)
+    finally:
+        registry.unregister_pass("test_no_sleep")
+    graphs = cpuboost.explain(model).graphs
+    assert graphs[1].path == "test_no_sleep" and graphs[1].dynamic, str(cpuboost.explain(model))
+    served = [g for g in graphs[2:] if g.rungs[0].fate.startswith("served (dynamic")]
+    assert len(served) == 10, str(cpuboost.explain(model))
+    checked = [g.verification.startswith("ok") for g in served]
+    # the dynamic build passed on its size; the next size is checked, then three skipped, then one checked...
+    assert checked == [True, False, False, False, True, False, False, False, True, False], checked
+    assert all(g.verification.startswith("size not checked") for g in served if not g.verification.startswith("ok"))
 
 
 def test_static_shapes_build_per_size_and_warn_with_the_fix():

@@ -2,7 +2,8 @@
 
 An exact signature maps to the entry that serves it. A family remembers its first sizes, the rung that won
 there, and at most one dynamic graph: once a dimension takes a second size (``shapes="auto"``), one graph
-dynamic in that dimension is built and later sizes are served from it after one verification call each.
+dynamic in that dimension is built and serves later sizes; each is checked against eager until the graph has
+passed on two sizes, then every fourth (a new length costs the served call, not an eager call on top).
 The exact-signature table is a bounded LRU of references: evicting one only costs a re-verification.
 """
 from __future__ import annotations
@@ -44,6 +45,27 @@ class Family:
     dynamic: Optional[GraphEntry] = None
     builds: int = 0
     yardstick_error: Optional[float] = None  # eager autocast's error at the dynamic graph's build
+    sizes_passed: int = 0  # sizes the dynamic graph was checked on against eager fp32, its build's included
+    unchecked_in_a_row: int = 0
+
+    SAMPLE_EVERY = 4  # once the dynamic graph passed on two sizes, every 4th new size is still checked
+
+    def due_for_check(self) -> bool:
+        return self.sizes_passed < 2 or self.unchecked_in_a_row + 1 >= self.SAMPLE_EVERY
+
+    def served_size(self, checked: bool) -> None:
+        if checked:
+            self.sizes_passed, self.unchecked_in_a_row = self.sizes_passed + 1, 0
+        else:
+            self.unchecked_in_a_row += 1
+
+    def unchecked_reason(self, path: str, verify_on: bool) -> str:
+        if path == "eager":
+            return "eager: the reference itself"
+        if not verify_on:
+            return "not verified (verify=False)"
+        return (f"size not checked: the graph passed on {self.sizes_passed} sizes; every {self.SAMPLE_EVERY}th new "
+                "size is")
 
 
 class SignatureCache:

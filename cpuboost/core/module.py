@@ -34,8 +34,6 @@ from .workcopy import apply_module_passes, shallow_copy
 
 log = logging.getLogger("cpuboost")
 
-# Dynamo compiles are not thread-safe across models; builds are rare and slow, so one lock serializes them.
-_BUILD_LOCK = threading.RLock()
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 STATIC_GRAPHS_BEFORE_WARNING = 4
 
@@ -68,7 +66,8 @@ class OptimizedModule(ModelProxy):
         """Runtime state: nothing here is pickled; a copy or an unpickled model rebuilds it lazily."""
         options, plan = self._options, self._plan
         self.__dict__.update(
-            _work=None, _eval_view=None, _watch=None, _lock=threading.RLock(),
+            _work=None, _eval_view=None, _watch=None, _lock=threading.RLock(), _build_lock=threading.RLock(),
+            _epoch=0, _build_epoch=0,
             _cache=SignatureCache(options.cache_size), _winners={}, _warned=set(), _generation=None, _warm=None,
             _report=Report(
                 model=type(self._original).__name__, mode=plan.mode, options=options.describe(),
@@ -98,8 +97,11 @@ class OptimizedModule(ModelProxy):
         return self
 
     def invalidate(self, why: str = "asked") -> None:
-        """Drop every built graph and the working copy; the next call rebuilds and re-verifies."""
-        with _BUILD_LOCK, self._lock:
+        """Drop every built graph and the working copy; the next call rebuilds and re-verifies. It never waits
+        for a build: one in progress (this model's; other models' do not matter) sees the new epoch and keeps
+        nothing it built from the old weights."""
+        with self._lock:
+            self.__dict__["_epoch"] = self._epoch + 1
             if len(self._cache) or self._work is not None:
                 self._report.note(f"graphs dropped: {why}")
             self._cache.clear()
@@ -154,13 +156,26 @@ class OptimizedModule(ModelProxy):
             return self._eval_model()(*args, **kwargs)
 
     def _build_and_call(self, key, args: tuple, kwargs: dict) -> Any:
-        with _BUILD_LOCK:
+        """Builds of one model run one at a time (they share its working copy, and a race timed beside another
+        build of the same model measures noise); other models build in parallel; built signatures never wait.
+        Inductor and dynamo config patches are made under dynamo's own compile lock (backends/inductor.py)."""
+        with self._build_lock:
             entry = self._cache.get(key)
             if entry is not None:  # another thread built it while we waited
                 return entry(args, kwargs)
+            self.__dict__["_build_epoch"] = self._epoch
             if self._watch is None:
                 self.__dict__["_watch"] = WeightWatch(self._original)
             return self._build(key, args, kwargs)
+
+    def _keep(self, remember: Callable[[], None]) -> None:
+        """Runs ``remember`` (what puts a built graph in the cache) unless ``invalidate()`` ran since this build
+        started: a graph built from the old weights is then answered once, by the call that built it, never kept."""
+        with self._lock:
+            if self._epoch == self._build_epoch:
+                remember()
+            else:
+                self._report.note("a graph built while the weights were edited was not kept; the next call rebuilds")
 
     def _build(self, key, args: tuple, kwargs: dict) -> Any:
         options = self._options
@@ -169,6 +184,10 @@ class OptimizedModule(ModelProxy):
         family_key = signature.family_key(args, kwargs)
         shapes = signature.top_level_shapes(args, kwargs)
         family = self._cache.family(family_key)
+        if family is not None and family.dynamic is not None and options.shapes != "static":
+            out = self._serve_new_size(family, key, args, kwargs, sig)
+            if out is not None:
+                return out
         begin = time.perf_counter()
         reference = self._reference(args, kwargs) if options.verify else None
         reference_ms = (time.perf_counter() - begin) * 1e3 if reference is not None else None
@@ -183,10 +202,6 @@ class OptimizedModule(ModelProxy):
                 yardsticks[dtype] = self._autocast_output(dtype, args, kwargs)
             return yardsticks[dtype]
 
-        if family is not None and family.dynamic is not None and options.shapes != "static":
-            out = self._serve_new_size(family, key, args, kwargs, reference, yardstick, template, sig)
-            if out is not None:
-                return out
         dims = self._dynamic_dims(family, shapes, args, kwargs)
         prefer = family.winner if family is not None else self._winners.get(family_key)
         found = self._persistent(args, kwargs) if not dims else None  # holds the entry's cross-process lock
@@ -227,34 +242,41 @@ class OptimizedModule(ModelProxy):
             yard = winner.verdict.yardstick if winner is not None and winner.verdict is not None else None
             self._warm.remember(found, winner.rung.name if winner is not None else None, yard)
         self._report.add_graph(record)
-        self._remember(family, family_key, shapes, key, entry, dims, winner)
+        self._keep(lambda: self._remember(family, family_key, shapes, key, entry, dims, winner))
         log.info("cpuboost: [%s] served by %s %s after %.1f s", sig, record.path, record.dtype, record.build_seconds)
         return verify.match_dtypes(template, out) if template is not None and winner is not None else out
 
-    def _serve_new_size(self, family: Family, key, args, kwargs, reference, yardstick, template, sig) -> Any:
-        """A new size for a family that has a dynamic graph: one verification call, then it serves."""
+    def _serve_new_size(self, family: Family, key, args, kwargs, sig) -> Any:
+        """A new size for a family that has a dynamic graph: served by it, no build. The size is checked against
+        eager fp32 (judged by the yardstick error measured at the graph's build) while the graph has passed on
+        fewer than two sizes, then on every ``Family.SAMPLE_EVERY``-th new size: a new length costs the served
+        call, not an eager call on top. An eager family is the reference itself: nothing to check."""
         entry = family.dynamic
+        check = self._options.verify and entry.path != "eager" and family.due_for_check()
         begin = time.perf_counter()
+        reference = self._reference(args, kwargs) if check else None
         try:
-            with torch.no_grad():
-                out = entry.fn(*args, **kwargs)
+            out = entry(args, kwargs)
         except Exception as exc:  # the dynamic graph cannot take this size: build for it
             self._report.note(f"dynamic graph refused [{sig}]: {ladder._first_line(exc)}")
             return None
-        dtype = verify_dtype(entry)
         if reference is not None:  # judged by the yardstick error measured when the dynamic graph was built
-            verdict = verify.compare(reference, out, dtype, None, self._options.tolerance,
+            verdict = verify.compare(reference, out, verify_dtype(entry), None, self._options.tolerance,
                                      yardstick_error=family.yardstick_error)
             if not verdict.ok:
                 self._report.note(f"dynamic graph rejected for [{sig}]: {verdict}; building for it")
                 return None
+            how, verification = "verified on this size", str(verdict)
+        else:
+            how = verification = family.unchecked_reason(entry.path, self._options.verify)
+        family.served_size(checked=reference is not None)
         record = dataclasses.replace(entry.record, signature=sig, build_seconds=time.perf_counter() - begin,
-                                     verification=str(verdict) if reference is not None else "not verified",
+                                     verification=verification,
                                      rungs=[RungRecord(f"{entry.record.path} {entry.record.dtype}",
-                                                       "served (dynamic graph, verified on this size)")])
+                                                       f"served (dynamic graph, {how})")])
         self._report.add_graph(record)
-        self._cache.put(key, entry)
-        return verify.match_dtypes(template, out) if template is not None else out
+        self._keep(lambda: self._cache.put(key, entry))
+        return out
 
     def _dynamic_dims(self, family: Optional[Family], shapes: dict, args: tuple, kwargs: dict) -> dict:
         options = self._options
@@ -282,6 +304,7 @@ class OptimizedModule(ModelProxy):
             family.dims, family.dynamic = dims, entry
             verdict = winner.verdict if winner is not None else None
             family.yardstick_error = verdict.yardstick if verdict is not None else None
+            family.sizes_passed, family.unchecked_in_a_row = int(verdict is not None), 0
         self._cache.put(key, entry)
         if family.builds > STATIC_GRAPHS_BEFORE_WARNING and "recompiles" not in self._warned:
             self._warned.add("recompiles")
