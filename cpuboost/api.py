@@ -65,6 +65,8 @@ def optimize(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *
         msg = ("dtype='int8' is an inference path (quantized weights and activations); training takes "
                "dtype='bf16', 'fp16' or 'fp32'. Train in bf16, then optimize the trained model with dtype='int8'.")
         raise InvalidOptionError(msg)
+    if opts.dtype == getattr(torch, "int4", None):
+        _check_int4_target(model, mode)
     hw = hardware.detect()
     if opts.low_precision:
         warn_if_emulated(opts.dtype)
@@ -198,3 +200,14 @@ def cpu_optimized(fn: Callable | None = None, /, **options: Any):
         return _optimize_result(result, options)
 
     return call(fn)
+
+
+def _check_int4_target(model: nn.Module, mode: str) -> None:
+    """dtype='int4' is weight-only int4 for generate(): refused, before anything is copied, where nothing serves it."""
+    from .generation import can_route
+
+    why = "training takes dtype='bf16', 'fp16' or 'fp32'" if mode == "train" else can_route(model)
+    if why is not None:
+        msg = (f"dtype='int4' is weight-only int4 for generate() of transformers causal LMs, and nothing serves it "
+               f"for this {type(model).__name__}: {why}. Use dtype='int8' for quantized inference or 'bf16'.")
+        raise InvalidOptionError(msg)

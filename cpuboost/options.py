@@ -22,6 +22,9 @@ _DTYPE_NAMES = {
     "qint8": torch.int8,
 }
 _SHORT_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int8: "int8"}
+if hasattr(torch, "int4"):  # weight-only int4, served by generate() of causal LMs (cpuboost/generation)
+    _DTYPE_NAMES["int4"] = torch.int4
+    _SHORT_NAMES[torch.int4] = "int4"
 
 BACKEND_CHOICES = ("auto", "native", "eager", "ipex", "openvino")
 MODE_CHOICES = ("auto", "infer", "train")
@@ -47,9 +50,18 @@ def parse_dtype(value: Any) -> torch.dtype:
     choices = ", ".join(repr(n) for n in ["auto", *_DTYPE_NAMES])
     msg = (
         f"unknown dtype {value!r}; expected one of {choices} or torch.bfloat16/float16/float32. "
-        "Use dtype='bf16' for speed, 'fp32' for exact eager numerics, 'int8' for quantized inference."
+        "Use dtype='bf16' for speed, 'fp32' for exact eager numerics, 'int8' for quantized inference"
+        " ('int4': weight-only, for generate() of causal LMs)."
     )
     raise UnknownDtypeError(msg)
+
+
+def check_int4_served(dtype: torch.dtype) -> None:
+    """dtype='int4' needs torch's CPU int4 kernel; say so up front rather than after a model is copied."""
+    if dtype == getattr(torch, "int4", None) and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        msg = (f"dtype='int4' needs torch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu), which torch "
+               f"{torch.__version__} does not have; use dtype='int8' (weight-only int8 for generate()) or 'bf16'")
+        raise UnknownDtypeError(msg)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -121,6 +133,7 @@ class Options:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        check_int4_served(self.dtype)
         for name in ("fusion", "verify", "inplace", "compile_training", "accept_tracer_warnings"):
             object.__setattr__(self, name, _parse_bool(name, getattr(self, name)))
         object.__setattr__(self, "backend", _parse_choice("backend", self.backend, BACKEND_CHOICES))
