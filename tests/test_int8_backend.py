@@ -121,6 +121,48 @@ def test_static_conv_net_with_calibration_is_close_and_leaves_model_and_inputs_a
     assert "int8 compile" in text
 
 
+class OutlierInput(nn.Module):
+    """Inputs with one channel 1000x the others (its weights 1000x smaller): u8 per-tensor quantization of fc0's
+    input rounds every other channel to zero, so whole-model int8 is far off; fc1 and fc2 quantize fine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc0, self.fc1, self.fc2 = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 8)
+        with torch.no_grad():
+            self.fc0.weight[:, 0] *= 1e-3
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.fc0(x)))))
+
+
+def _outlier_batch(seed: int) -> torch.Tensor:
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(seed))
+    x[:, 0] *= 1000
+    return x
+
+
+@pytest.mark.slow
+def test_static_int8_missing_the_bound_keeps_the_most_sensitive_layer_in_fp32():
+    """Accuracy control: the whole-model graph misses int8's bound, so layers are ranked by the error each one
+    alone causes and the worst (fc0) is kept in fp32; the rest is int8, judged on the example, the batches that
+    set the scales and a held-out batch, and it is named in the accuracy summary explain() shows."""
+    net = OutlierInput().eval()
+    before = snapshot(net)
+    x, calibration = _outlier_batch(0), [_outlier_batch(seed) for seed in range(1, 5)]
+    notes: list[str] = []
+    run = int8.build(net, (x,), {}, calibration, notes.append)
+    assert_unchanged(net, before)
+    text = "\n".join(notes)
+    assert "outside int8's bound" not in run.accuracy_summary
+    whole = next(line for line in notes if line.startswith("int8 static vs eager fp32"))
+    assert float(whole.split("max_err ")[1].split(",")[0]) > 0.1, text  # the whole-model graph missed
+    assert "layers kept in fp32: fc0" in run.accuracy_summary and "1 batch(es) held out" in run.accuracy_summary
+    with torch.no_grad():
+        unseen = _outlier_batch(99)
+        assert_close(net(unseen), run(unseen))
+
+
 @pytest.mark.slow
 def test_dynamic_tiny_bert_without_calibration_answers_a_model_output():
     """Dynamic int8 of a tiny BERT called with kwargs: eager's ModelOutput type, fp32 fields, close values."""

@@ -35,17 +35,22 @@ def _x86_quantizer_module():
     return xiq
 
 
-def _pt2e(model: nn.Module, args: tuple, kwargs: dict, batches: list, fold_weights: bool = True) -> nn.Module:
+def _pt2e(model: nn.Module, args: tuple, kwargs: dict, batches: list, fold_weights: bool = True,
+          keep: tuple | list = ()) -> nn.Module:
     """Export, annotate with the x86 Inductor quantizer, calibrate on ``batches``, convert to q/dq form.
     No batches: the dynamic config, run once on the example so the weight observers see the weights.
     ``fold_weights=False`` keeps each weight fp32 behind its own quantize/dequantize pair, the FakeQuantize
-    pattern OpenVINO's converter turns into int8 kernels (folded int8 weights it cannot convert)."""
+    pattern OpenVINO's converter turns into int8 kernels (folded int8 weights it cannot convert). ``keep``:
+    layers (module names) left unquantized, in fp32 (``sensitivity``)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     xiq = _x86_quantizer_module()
     exported = torch.export.export(model, tuple(args), dict(kwargs), strict=False).module()
     config = xiq.get_default_x86_inductor_quantization_config(is_dynamic=not batches)
-    prepared = prepare_pt2e(exported, xiq.X86InductorQuantizer().set_global(config))
+    quantizer = xiq.X86InductorQuantizer().set_global(config)
+    for name in keep:
+        quantizer.set_module_name_qconfig(name, None)
+    prepared = prepare_pt2e(exported, quantizer)
     for a, k in batches or [(tuple(args), dict(kwargs))]:
         prepared(*a, **k)
     return convert_pt2e(prepared, fold_quantize=fold_weights)
