@@ -1,7 +1,9 @@
 """Warm start through the public API: a second process reuses the decision and the compiled graph;
-cpuboost.save/load round-trip; a foreign or damaged cache entry is ignored, never a crash."""
+cpuboost.save/load round-trip; a foreign or damaged cache entry is ignored, never a crash. Each test asserts
+which path served: the models are chosen so that it is known (Inductor wins by far, or nothing competes)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,17 +12,17 @@ import pytest
 import torch
 
 import cpuboost
+from cpuboost.persist.errors import PackagedPathWarning
+from cpuboost.persist.store import CacheWarning
 
 pytestmark = pytest.mark.slow
 
 CHILD = textwrap.dedent("""
     import json, sys, time, torch, cpuboost
     sys.path.insert(0, {tests!r})
-    from nets import StackNet, randomize_bn
-    torch.manual_seed(0)
-    net = randomize_bn(StackNet(3, [16, 16], ["relu", "relu"], [False, True], False),
-                       torch.Generator().manual_seed(0)).eval()
-    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    from test_warm_start import Pointwise
+    net = Pointwise().eval()
+    x = torch.randn(128, 4096, generator=torch.Generator().manual_seed(1))
     model = cpuboost.optimize(net, dtype="fp32", backend="native", cache_dir={cache!r})
     begin = time.perf_counter()
     out = model(x)
@@ -48,11 +50,11 @@ def test_second_process_reuses_decision_and_graph(tmp_path):
     first = _child(tmp_path, tests)
     second = _child(tmp_path, tests)
     assert any("decision from the persistent cache" in e for e in second["events"]), second
-    assert first["path"] == second["path"]
+    assert first["path"] == second["path"] == "inductor", (first["path"], second["path"])
     torch.testing.assert_close(torch.tensor(second["out"]), torch.tensor(first["out"]), rtol=1e-5, atol=1e-6)
-    if first["path"] == "inductor":
-        assert "loaded from the persistent cache" in second["notes"], second["notes"]
-        assert second["seconds"] < first["seconds"]
+    assert "kept in the persistent cache" in first["notes"], first["notes"]
+    assert "loaded from the persistent cache" in second["notes"], second["notes"]
+    assert second["seconds"] < first["seconds"]
 
 
 def test_corrupt_cache_entries_are_rebuilt_with_a_warning(tmp_path):
@@ -65,10 +67,32 @@ def test_corrupt_cache_entries_are_rebuilt_with_a_warning(tmp_path):
     for path in files:
         with open(path, "r+b") as fh:
             fh.truncate(max(os.path.getsize(path) // 2, 1))
-    with pytest.warns(UserWarning):
-        out = cpuboost.optimize(net, dtype="fp32", fusion=False, cache_dir=str(tmp_path))(x)
+    with pytest.warns(CacheWarning, match="corrupt entry") as caught:
+        again = cpuboost.optimize(net, dtype="fp32", fusion=False, cache_dir=str(tmp_path))
+        out = again(x)
+    assert all(issubclass(w.category, CacheWarning) for w in caught), [str(w.message) for w in caught]
     with torch.no_grad():
         torch.testing.assert_close(out, net(x), rtol=1e-4, atol=1e-5)
+    assert cpuboost.explain(again).graphs[-1].path == "eager (original)"  # nothing competes with fusion=False
+
+
+def test_eager_decided_by_an_earlier_process_builds_nothing(tmp_path):
+    """Nothing beat eager in the first process (fusion=False leaves eager+passes bf16, which a tolerance of
+    1e-6 rejects); the second takes that decision from the cache and builds no rung at all."""
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 8)
+    options = {"dtype": "bf16", "fusion": False, "tolerance": 1e-6, "cache_dir": str(tmp_path)}
+    first = cpuboost.optimize(net, **options)
+    first(x)
+    assert cpuboost.explain(first).graphs[-1].path == "eager (original)", str(cpuboost.explain(first))
+    assert [r.fate.split(":")[0] for r in cpuboost.explain(first).graphs[-1].rungs] == ["rejected"]
+    again = cpuboost.optimize(net, **options)
+    out = again(x)
+    report = cpuboost.explain(again)
+    assert any("decision from the persistent cache (eager)" in e for e in report.events), report.events
+    assert report.graphs[-1].path == "eager (original)" and report.graphs[-1].rungs == []
+    with torch.no_grad():
+        torch.testing.assert_close(out, net(x), rtol=0, atol=0)
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -78,7 +102,9 @@ def test_save_and_load_round_trip(tmp_path):
     x = torch.randn(1, 3, 16, 16)
     model = cpuboost.optimize(net, dtype="fp32", fusion=False)
     model(x)
-    path = cpuboost.save(model, tmp_path / "pkg")
+    assert cpuboost.explain(model).graphs[-1].path == "eager (original)"
+    with pytest.warns(PackagedPathWarning, match=r"served by eager .*Inductor fp32 graph"):
+        path = cpuboost.save(model, tmp_path / "pkg")
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["graphs"] and "needs" in json.dumps(manifest)
     loaded = cpuboost.load(path)
@@ -119,3 +145,30 @@ def test_warm_start_calls_eager_once(tmp_path, dtype):
     report = cpuboost.explain(again)
     assert any("decision from the persistent cache" in e for e in report.events), report.events
     assert report.graphs[-1].path == "inductor" and report.graphs[-1].verification.startswith("ok")
+
+
+def test_cached_graph_failing_verification_is_removed(tmp_path):
+    """A cached graph that loads but answers wrong (here: another model's graph under this key) is rejected,
+    removed from the cache, and the answer is eager's; the next warm start does not load it again."""
+    x = torch.randn(256, 4096)
+    first = cpuboost.optimize(Pointwise().eval(), dtype="fp32", backend="native", cache_dir=str(tmp_path))
+    first(x)
+    assert cpuboost.explain(first).graphs[-1].path == "inductor", str(cpuboost.explain(first))
+    other = Pointwise().eval()
+    with torch.no_grad():
+        other.scale.fill_(1.5)  # other weights: another artifact key, the same decision key
+    model = cpuboost.optimize(other, dtype="fp32", backend="native", cache_dir=str(tmp_path))
+    from cpuboost.persist.warm import WarmStart
+
+    found = WarmStart(model._options, model._plan.names).lookup(other, (x,), {})
+    found.release()
+    unit = found.artifact_dir / "graph"
+    source = next(p for p in (tmp_path / "v1" / "artifacts").glob("*/graph") if p != unit)
+    shutil.copytree(source, unit)  # a whole, well-formed unit with matching digests: only its answers are wrong
+    out = model(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out, other(x), rtol=1e-4, atol=1e-5)
+    report = cpuboost.explain(model)
+    rung = next(r for r in report.graphs[-1].rungs if r.name == "inductor fp32")
+    assert rung.fate.startswith("rejected"), rung.fate  # only the planted graph answers wrong
+    assert not unit.exists()  # removed: not loaded and paid for again
