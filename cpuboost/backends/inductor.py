@@ -79,6 +79,17 @@ class CompiledGraph:
         return call_served(self.serve, *args, **kwargs)
 
 
+def config_lock() -> Any:
+    """Dynamo's own compile lock (an RLock every dynamo compile takes, torch/_dynamo/convert_frame.py), held
+    around a config patch and the compile it governs: Inductor's and dynamo's config are process-wide, so
+    without it another thread's compile (another model's build, or the user's torch.compile) could compile
+    under our patch, or two patches interleaving could leave one in place. It costs no parallelism: dynamo
+    compiles one frame at a time anyway."""
+    from torch._dynamo.convert_frame import compile_lock
+
+    return compile_lock
+
+
 def compile_now(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype, cpp_wrapper: bool,
                 dynamic_dims: DynamicDims = None) -> CompiledGraph:
     """Compile ``model`` under ``dtype``'s autocast for this input, with freezing; returns the callable."""
@@ -88,7 +99,7 @@ def compile_now(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype,
     compiled = torch.compile(fresh_runner(model, dtype), backend="inductor",
                              dynamic=None if dynamic_dims else False)
     _mark_dynamic(args, kwargs, dynamic_dims)
-    with inductor_config.patch(freezing=True, cpp_wrapper=cpp_wrapper), \
+    with config_lock(), inductor_config.patch(freezing=True, cpp_wrapper=cpp_wrapper), \
             dynamo_config.patch(recompile_limit=64), torch.no_grad():
         compiled(*args, **kwargs)
     return CompiledGraph(compiled, cpp_wrapper)

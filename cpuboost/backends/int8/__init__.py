@@ -49,7 +49,7 @@ from ...errors import (
     NotQuantizableError,
     QuantizationError,
 )
-from ..inductor import call_served, serve_only
+from ..inductor import call_served, config_lock, serve_only
 from . import packaged
 from .accuracy import (
     accuracy,
@@ -262,7 +262,7 @@ def _compile(quantized: nn.Module, args: tuple, kwargs: dict, template: Any, sch
     # autocast off inside (int8 mixed with fp32; int8 mixed with bf16 showed no clear gain), whatever the caller runs
     compiled = torch.compile(fresh_runner(quantized, torch.float32), backend="inductor", dynamic=False)
     runner = Int8Callable(compiled, template, scheme, clone_inputs=scheme in ("static", "dynamic"))
-    with inductor_config.patch(patches), warnings.catch_warnings():
+    with config_lock(), inductor_config.patch(patches), warnings.catch_warnings():
         for message in _COMPILE_NOISE:
             warnings.filterwarnings("ignore", message=message)
         output = runner._run(args, kwargs)

@@ -27,11 +27,14 @@ def _x86_quantizer_module():
     name = "torchao.quantization.pt2e.quantizer.x86_inductor_quantizer"
     if name in sys.modules:
         return sys.modules[name]
-    before = inductor_config.pre_grad_custom_pass
-    try:
-        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
-    finally:
-        inductor_config.pre_grad_custom_pass = before
+    from ..inductor import config_lock
+
+    with config_lock():  # no other thread compiles while the pass it installs is in place
+        before = inductor_config.pre_grad_custom_pass
+        try:
+            import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+        finally:
+            inductor_config.pre_grad_custom_pass = before
     return xiq
 
 
