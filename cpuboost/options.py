@@ -29,6 +29,7 @@ if hasattr(torch, "int4"):  # weight-only int4, served by generate() of causal L
 BACKEND_CHOICES = ("auto", "native", "eager", "ipex", "openvino")
 MODE_CHOICES = ("auto", "infer", "train")
 SHAPE_CHOICES = ("auto", "static", "dynamic")
+BUILD_CHOICES = ("blocking", "background")  # background: eager answers a new signature while its graph builds
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -130,6 +131,7 @@ class Options:
     cache_dir: Optional[str] = None        # persistent decisions and artifacts; None: CPUBOOST_CACHE_DIR
     calibration: Optional[Any] = None      # int8: example inputs (tuples of args or dicts of kwargs)
     accept_tracer_warnings: bool = False   # keep traced graphs whose tracer warned (data-dependent branches)
+    build: str = "blocking"                # "background": a new signature is answered by eager while it builds
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
@@ -139,6 +141,7 @@ class Options:
         object.__setattr__(self, "backend", _parse_choice("backend", self.backend, BACKEND_CHOICES))
         object.__setattr__(self, "mode", _parse_choice("mode", self.mode, MODE_CHOICES))
         object.__setattr__(self, "shapes", _parse_choice("shapes", self.shapes, SHAPE_CHOICES))
+        object.__setattr__(self, "build", _parse_choice("build", self.build, BUILD_CHOICES))
         if isinstance(self.cache_size, bool) or not isinstance(self.cache_size, int) or self.cache_size < 1:
             msg = f"option cache_size={self.cache_size!r} must be a positive int (graphs kept per model)"
             raise InvalidOptionError(msg)
@@ -176,7 +179,7 @@ class Options:
                         if getattr(self, name) is not None)
         return (
             f"dtype={dtype_name(self.dtype)} fusion={self.fusion} backend={self.backend} "
-            f"mode={self.mode} verify={self.verify} shapes={self.shapes}{extra}"
+            f"mode={self.mode} verify={self.verify} shapes={self.shapes} build={self.build}{extra}"
         )
 
 

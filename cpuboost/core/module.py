@@ -24,6 +24,7 @@ from ..machine.hardware import Hardware
 from ..options import Options, dtype_name
 from . import ladder, signature, verify
 from .cache import Family, GraphEntry, SignatureCache
+from .background import BackgroundBuilds, private_inputs
 from .freshness import WeightWatch
 from .precision import PrecisionRunner
 from .pickling import reduce_proxy
@@ -67,7 +68,7 @@ class OptimizedModule(ModelProxy):
         options, plan = self._options, self._plan
         self.__dict__.update(
             _work=None, _eval_view=None, _watch=None, _lock=threading.RLock(), _build_lock=threading.RLock(),
-            _epoch=0, _build_epoch=0,
+            _epoch=0, _build_epoch=0, _builds=BackgroundBuilds(),
             _cache=SignatureCache(options.cache_size), _winners={}, _warned=set(), _generation=None, _warm=None,
             _report=Report(
                 model=type(self._original).__name__, mode=plan.mode, options=options.describe(),
@@ -106,6 +107,7 @@ class OptimizedModule(ModelProxy):
                 self._report.note(f"graphs dropped: {why}")
             self._cache.clear()
             self.__dict__.update(_work=None, _eval_view=None, _watch=None, _generation=None)
+            self._builds.forget_failures()
             if self._warm is not None:
                 self._warm.forget_weights()
 
@@ -132,7 +134,23 @@ class OptimizedModule(ModelProxy):
                     raise
                 self._cache.drop(key)  # a guard miss: this call is a signature nobody verified yet
                 self._report.note(f"a graph's guards refused a call ({exc}); treated as a new signature")
+        if self._options.build == "background":
+            return self._answer_now_build_later(key, args, kwargs)
         return self._build_and_call(key, args, kwargs)
+
+    def _answer_now_build_later(self, key, args: tuple, kwargs: dict) -> Any:
+        """build="background": eager answers now (raising what the model raises, before any build starts);
+        the signature builds in a daemon thread on private copies of the inputs (core/background.py)."""
+        out = self._eager_original(*args, **kwargs)
+        copies = private_inputs(args, kwargs)
+        self._builds.start(key, signature.describe(args, kwargs), lambda: self._build_and_call(key, *copies),
+                           self._report.note)
+        return out
+
+    def wait_for_builds(self, timeout: Optional[float] = None) -> bool:
+        """Waits for the background builds (``build="background"``); True when none is running: a readiness
+        check for services, and what benchmarks call before timing the built graphs."""
+        return self._builds.wait(timeout)
 
     def _eval_model(self) -> nn.Module:
         """The user's model as it runs in eval: itself, or a view sharing its weights if it is in train mode,
