@@ -120,7 +120,9 @@ def test_cached_int8_graph_is_loaded_without_quantizing_and_never_writes_into_in
     assert torch.equal(x, kept)
     assert "at build" in second.accuracy_summary
 
-    sidecar = tmp_path / "int8.json"
+    assert sorted(p.name for p in (tmp_path / "int8").iterdir()) == ["int8.json", "int8.pt2"]  # one unit
+    assert [p.name for p in tmp_path.iterdir()] == ["int8"]  # no staging left
+    sidecar = tmp_path / "int8" / "int8.json"
     meta = json.loads(sidecar.read_text())
     del meta["int8_accuracy"]
     sidecar.write_text(json.dumps(meta))
@@ -174,14 +176,17 @@ def test_openvino_int8_graph_is_kept_as_ir_and_loaded_without_quantizing(tmp_pat
     calibration = [(torch.randn(2, 3, 16, 16),) for _ in range(2)]
     notes: list[str] = []
     first = via_openvino.build(net, (x,), {}, calibration, notes.append, artifact_dir=tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["openvino_int8.bin", "openvino_int8.json",
-                                                          "openvino_int8.xml"]
+    assert [p.name for p in tmp_path.iterdir()] == ["openvino_int8"]  # one unit, no staging left
+    assert sorted(p.name for p in (tmp_path / "openvino_int8").iterdir()) == [
+        "openvino_int8.bin", "openvino_int8.json", "openvino_int8.xml"]
+    record = json.loads((tmp_path / "openvino_int8" / "openvino_int8.json").read_text())
+    assert sorted(record["files"]) == ["openvino_int8.bin", "openvino_int8.xml"]  # digests of both halves
     notes.clear()
     second = via_openvino.build(net, (x,), {}, calibration, notes.append, artifact_dir=tmp_path)
     assert any("loaded from the persistent cache" in n for n in notes) and not any("quantize" in n for n in notes)
     torch.testing.assert_close(second(x), first(x), rtol=1e-5, atol=1e-5)
     assert "at build" in second.accuracy_summary
-    (tmp_path / "openvino_int8.json").unlink()
+    (tmp_path / "openvino_int8" / "openvino_int8.json").unlink()
     notes.clear()
     via_openvino.build(net, (x,), {}, calibration, notes.append, artifact_dir=tmp_path)
     assert any("quantize" in n for n in notes), notes
