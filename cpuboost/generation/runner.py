@@ -8,6 +8,7 @@ the copies it started with."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 import time
 import warnings
@@ -62,6 +63,9 @@ class _Copies:
         self.refusal = cache_refusal(original)
         self.bytes_per_token = weight_bytes_per_token(self.decode)
         self.pool = CachePool(self.static)
+        # transformers 5.2x renamed generate's past_key_values to cache (the old name warns)
+        forward = inspect.signature(type(original).forward).parameters
+        self.cache_arg = "cache" if "cache" in forward else "past_key_values"
         self.steps: dict[tuple[int, int], Any] = {}  # (batch, bucket) -> DecodeStep, or why it runs eagerly
         self.key_locks: dict[tuple[int, int], threading.Lock] = {}
         # transformers asks these two on every generate(); the answers point at this thread's decode graph.
@@ -230,7 +234,8 @@ class GenerationRunner:
         self._active.step = step
         try:
             with self._precision(), step.timed(CallClock()) as clock:
-                out = copies.static.generate(*args, **kwargs, past_key_values=cache, compile_config=compile_config)
+                out = copies.static.generate(*args, **kwargs, **{copies.cache_arg: cache},
+                                             compile_config=compile_config)
         finally:
             self._active.step = None
             copies.pool.give_back(batch, bucket, cache)
