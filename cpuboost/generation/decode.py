@@ -40,7 +40,9 @@ class DecodeStep:
         self._timing = threading.local()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        unmark_static(kwargs.get("past_key_values", kwargs.get("cache")))  # 5.2x names it ``cache``
+        for value in kwargs.values():  # the static cache, under whichever name this transformers passes it
+            if hasattr(value, "layers") or hasattr(value, "key_cache"):
+                unmark_static(value)
         self.calls += 1
         clock = self._timing.__dict__.get("clock")
         if clock is not None and clock.first_step is None:
