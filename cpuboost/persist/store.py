@@ -318,6 +318,10 @@ class DecisionStore:
         limit = self.max_bytes if max_bytes is None else max_bytes
         if not self.enabled or not self.writable:
             return 0
+        for tmp in (self.base / "decisions").glob("*/.*.tmp"):  # a decision write killed mid-way
+            with contextlib.suppress(OSError):
+                if time.time() - tmp.stat().st_mtime > 3600:
+                    tmp.unlink()
         units: list[tuple[float, int, Any]] = [(t, n, h) for t, n, h in self._units()]
         builds = self.builds_lock()
         idle = builds is not None and builds.acquire(timeout=0)  # no build anywhere points Inductor here now
