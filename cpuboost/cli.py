@@ -125,7 +125,8 @@ def _cache(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
     elif not info["enabled"]:
-        print("cpuboost cache: off (CPUBOOST_CACHE_DIR=off)")
+        print(f"cpuboost cache: {info['root']} is not used: it, or a folder above it, is not private to you "
+              "(chmod go-w it)" if info.get("unsafe") else "cpuboost cache: off (CPUBOOST_CACHE_DIR=off)")
     else:
         print(f"cpuboost cache: {info['root']}\n- entries: {info['entries']}\n- size: {info['bytes'] / 2**20:.1f} MiB "
               f"of {info['max_bytes'] / 2**30:.1f} GiB\n- writable: {info['writable']}")

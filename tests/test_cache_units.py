@@ -152,6 +152,7 @@ def test_cache_others_can_write_is_refused_with_its_warning_and_answers_stay_rig
     with torch.no_grad():
         torch.testing.assert_close(out, net(x), rtol=1e-4, atol=1e-5)
     assert list(root.iterdir()) == []  # nothing read or written there
+    assert st.DecisionStore(root).info() == {"root": str(root), "enabled": False, "unsafe": True}
     assert not any("persistent cache" in e for e in cpuboost.explain(model).events)
 
 

@@ -351,8 +351,8 @@ class DecisionStore:
             clean_stale(self._artifacts(key_hash(key)))
 
     def info(self) -> dict:
-        if not self.enabled:
-            return {"root": None, "enabled": False}
+        if not self.enabled:  # off, or refused (a folder others can write: ``UnsafeCacheWarning``)
+            return {"root": str(self.root) if self.root else None, "enabled": False, "unsafe": self.root is not None}
         units = list(self._units()) if self.base.is_dir() else []
         inductor = sum(n for _, n, _ in self._inductor_units()) if self.base.is_dir() else 0
         return {"root": str(self.root), "enabled": True, "writable": self.writable, "entries": len(units),
