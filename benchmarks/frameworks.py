@@ -169,6 +169,7 @@ def run_trainer(kind: str, ns, variant: str, folder: Path) -> StepClock:
     parts = trainer_parts(model, args, dtype="bf16") if variant == "cpuboost" else {"model": model}
     trainer = transformers.Trainer(args=args, train_dataset=TrainRows(kind, ns.steps * ns.batch),
                                    data_collator=collate, callbacks=[Clock()], **parts)
+    trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # the clock keeps the loss
     trainer.train()
     _reset_accelerate()
     return clock
