@@ -132,6 +132,6 @@ def test_int4_weight_only_decode_judged_and_samples():
     torch.manual_seed(5)
     b = runner.generate(ids, max_new_tokens=6, do_sample=True, top_k=10)
     assert torch.equal(a, b) and sum("built" in n for n in notes) == 1
-    last = runner.describe()["last_call"]
+    last = runner.last_call
     bf16_bytes = sum(m.weight.numel() * 2 for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert last["weight_bytes_per_token"] < bf16_bytes, last  # int4 codes + scales read, not bf16 weights

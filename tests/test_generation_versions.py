@@ -35,5 +35,5 @@ def test_bf16_decode_graph_builds_verifies_and_serves_on_this_transformers():
     longer = torch.cat([ids, ids[:, :5]], dim=1)
     again = runner.generate(longer, max_new_tokens=6, do_sample=False)
     assert again.shape == (1, 23) and sum("built" in n for n in notes) == 1, notes
-    last = runner.describe()["last_call"]
+    last = runner.last_call
     assert last["decode_steps"] == 5 and last["decode_ms_per_token"] > 0 and last["weight_bytes_per_token"] > 0

@@ -94,7 +94,7 @@ class GenerationRunner:
         self.max_cache_len = int(max_cache_len or getattr(config, "max_position_embeddings", None) or 2048)
         self._compile, self._race_enabled, self._lock, self._noted = compile, race, threading.Lock(), set()
         self._active = threading.local()
-        self.last_call: dict = {}
+        self.last_call: dict = {}  # the last static-route call: prefill ms, decode ms/token, tokens/s, bytes read
         self._copies: Optional[_Copies] = None
         if self.reason is None:
             self.refresh()
@@ -122,12 +122,11 @@ class GenerationRunner:
             return copies.work.generate(*args, **kwargs)
 
     def describe(self) -> dict:
-        """Route per (batch, cache bucket): 'compiled' or the reason it runs eagerly; the last call's times."""
+        """Route per (batch, cache bucket): 'compiled' or the reason it runs eagerly (times: ``last_call``)."""
         if self.reason is not None:
             return {"route": "eager (original)", "reason": self.reason}
-        routes = {f"batch {b}, cache {n}": ("compiled" if isinstance(s, DecodeStep) else s)
-                  for (b, n), s in dict(self._copies.steps).items()}
-        return dict(routes, last_call=dict(self.last_call)) if self.last_call else routes
+        return {f"batch {b}, cache {n}": ("compiled" if isinstance(s, DecodeStep) else s)
+                for (b, n), s in dict(self._copies.steps).items()}
 
     # -- internals ----------------------------------------------------------------------------------
     def _precision(self) -> contextlib.AbstractContextManager:
