@@ -163,6 +163,22 @@ def test_static_int8_missing_the_bound_keeps_the_most_sensitive_layer_in_fp32():
         assert_close(net(unseen), run(unseen))
 
 
+def test_openvino_int8_missing_the_bound_keeps_the_most_sensitive_layer_in_fp32():
+    """The OpenVINO int8 graph gets the same accuracy control: fc0 kept in fp32 (no FakeQuantize around it), the
+    rest converted to OpenVINO's int8 kernels, judged with a held-out batch."""
+    pytest.importorskip("openvino")
+    from cpuboost.backends.int8 import via_openvino
+
+    net = OutlierInput().eval()
+    x, calibration = _outlier_batch(0), [_outlier_batch(seed) for seed in range(1, 5)]
+    notes: list[str] = []
+    run = via_openvino.build(net, (x,), {}, calibration, notes.append)
+    assert "layers kept in fp32: fc0" in run.accuracy_summary, "\n".join(notes)
+    with torch.no_grad():
+        unseen = _outlier_batch(99)
+        assert_close(net(unseen), run(unseen))
+
+
 @pytest.mark.slow
 def test_dynamic_tiny_bert_without_calibration_answers_a_model_output():
     """Dynamic int8 of a tiny BERT called with kwargs: eager's ModelOutput type, fp32 fields, close values."""

@@ -85,10 +85,12 @@ def rank_layers(model: nn.Module, args: tuple, kwargs: dict, reference: Any) -> 
 
 
 def keep_sensitive(model: nn.Module, args: tuple, kwargs: dict, batches: list, references: list,
-                   reference: Any, tolerance: float | None, note: Callable[[str], None]) -> tuple[nn.Module, list]:
+                   reference: Any, tolerance: float | None, note: Callable[[str], None],
+                   fold_weights: bool = True) -> tuple[nn.Module, list]:
     """(simulated-int8 model that passes, layers kept in fp32), or raises ``ValueError`` saying how far it got.
     ``batches``/``references``: every calibration batch and eager fp32's answer on it; the scales are set on
-    all but the held-out ones, the judge sees them all and the example."""
+    all but the held-out ones, the judge sees them all and the example. ``fold_weights=False``: weights as
+    FakeQuantize, the form OpenVINO converts."""
     fit, held = held_out(batches)
     ranked = rank_layers(model, *fit[0], references[0])
     note("int8 layer sensitivity (output error with only that layer quantized, first calibration batch): "
@@ -97,7 +99,7 @@ def keep_sensitive(model: nn.Module, args: tuple, kwargs: dict, batches: list, r
     keep_count, last = 1, ""
     while keep_count <= max(1, int(len(ranked) * MOST_KEPT)):
         keep = [n for n, _ in ranked[:keep_count]]
-        simulated = _pt2e(model, args, kwargs, fit, keep=keep)
+        simulated = _pt2e(model, args, kwargs, fit, fold_weights=fold_weights, keep=keep)
         with torch.no_grad():
             got = combine([accuracy(ref, simulated(*a, **k)) for (a, k), ref in inputs])
         problem = judge(got, tolerance)

@@ -10,6 +10,7 @@ place), so a restarted process compiles the IR (about a second) instead of calib
 converting again, and never reads an ``.xml`` of one build beside the ``.bin`` of another."""
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable
@@ -20,9 +21,10 @@ import torch
 from torch import nn
 
 from ...persist import units
+from . import sensitivity
 from .accuracy import assess, describe, refusal
 from .calibration import check_calibration
-from .quantize import _pt2e, quantized_copy
+from .quantize import STATIC_LAYERS, _pt2e, layers, quantized_copy
 
 GRAPH = "openvino_int8"  # the unit folder, holding openvino_int8.xml/.bin (IR) + openvino_int8.json (record)
 
@@ -86,13 +88,31 @@ def build(model: nn.Module, args: tuple, kwargs: dict, calibration: Any, note: C
     from ...core.verify import INT8_BOUND
 
     staging = units.stage(folder / GRAPH) if folder is not None else None
-    try:
-        runner = openvino.build(quantized, args, kwargs, precision, note, via_export=True, probe_tolerance=INT8_BOUND,
+
+    def convert(graph: nn.Module, label: str) -> tuple:
+        runner = openvino.build(graph, args, kwargs, precision, note, via_export=True, probe_tolerance=INT8_BOUND,
                                 save_to=staging / f"{GRAPH}.xml" if staging is not None else None)
         with torch.no_grad():
             output = runner(*args, **kwargs)
-        got, summary, problem = assess("int8 static (OpenVINO)", runner, output, reference, references, batches,
-                                       tolerance, note)
+        return (runner, *assess(label, runner, output, reference, references, batches, tolerance, note))
+
+    try:
+        runner, got, summary, problem = convert(quantized, "int8 static (OpenVINO)")
+        if problem and len(layers(model, STATIC_LAYERS)) > 1:  # keep the most sensitive layers in fp32
+            del runner
+            try:
+                simulated, keep = sensitivity.keep_sensitive(copy.deepcopy(model).eval(), args, kwargs, batches,
+                                                             references, reference, tolerance, note,
+                                                             fold_weights=False)
+            except Exception as exc:  # noqa: BLE001 - no split passes: the first verdict stands, with why
+                problem += f"; keeping the most sensitive layers in fp32 did not help ({exc})"
+            else:
+                for module in simulated.modules():
+                    module.training = False
+                runner, got, summary, problem = convert(simulated, f"int8 static (OpenVINO), {len(keep)} layer(s) "
+                                                                   "kept in fp32")
+                held = len(sensitivity.held_out(batches)[1])
+                summary += f" ({held} batch(es) held out of calibration); layers kept in fp32: {', '.join(keep)}"
         if folder is not None and not problem:
             _keep(folder, staging, got)
     finally:
