@@ -217,10 +217,9 @@ def _keep_sensitive(model: nn.Module, args: tuple, kwargs: dict, batches: list, 
          f"{time.perf_counter() - started:.1f} s")
     runner, output, how, persisted = _compile_any(simulated, args, kwargs, reference, "static", patches,
                                                   len(batches), artifact_dir, note)
-    held = len(sensitivity.held_out(batches)[1])
     got, summary, problem = assess(f"int8 static, {len(keep)} layer(s) kept in fp32", runner, output, reference,
                                    references, batches, tolerance, note)
-    summary += f" ({held} batch(es) held out of calibration); layers kept in fp32: {', '.join(keep)}"
+    summary += sensitivity.kept_summary(batches, keep)
     return runner, got, summary, problem, persisted
 
 

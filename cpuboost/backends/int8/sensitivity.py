@@ -32,6 +32,11 @@ def held_out(batches: list) -> tuple[list, list]:
     return batches[:-n], batches[-n:]
 
 
+def kept_summary(batches: list, keep: list) -> str:
+    """What the accuracy summary adds for a graph with layers kept in fp32 (``explain()`` shows it)."""
+    return f" ({len(held_out(batches)[1])} batch(es) held out of calibration); layers kept in fp32: {', '.join(keep)}"
+
+
 def _fake_quant_input(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
     low, high = min(low, 0.0), max(high, 0.0)
     scale = max((high - low) / 255.0, 1e-12)

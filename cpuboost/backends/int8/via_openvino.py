@@ -111,8 +111,7 @@ def build(model: nn.Module, args: tuple, kwargs: dict, calibration: Any, note: C
                     module.training = False
                 runner, got, summary, problem = convert(simulated, f"int8 static (OpenVINO), {len(keep)} layer(s) "
                                                                    "kept in fp32")
-                held = len(sensitivity.held_out(batches)[1])
-                summary += f" ({held} batch(es) held out of calibration); layers kept in fp32: {', '.join(keep)}"
+                summary += sensitivity.kept_summary(batches, keep)
         if folder is not None and not problem:
             _keep(folder, staging, got)
     finally:
