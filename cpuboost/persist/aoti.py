@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from . import trust, units
+from . import child, trust, units
 from .errors import PackageFormatError, PackageMismatchError, UnsafeLocationError
 from .keys import machine_fingerprint
 from .treespec import _classes, _collect_tensor_specs, _rebuild, _strip_strides, describe_tree
@@ -183,7 +183,6 @@ def compile_aoti(module: nn.Module, args: tuple, kwargs: dict, dtype: Union[str,
     folder = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="cpuboost-aoti-"))
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    from torch import _inductor as inductor  # heavy: imported only when compiling
 
     with torch.no_grad(), _eval_mode(module):  # freezing applies only without grad
         exported = torch.export.export(flat, tuple(leaves), strict=False)
@@ -203,7 +202,7 @@ def compile_aoti(module: nn.Module, args: tuple, kwargs: dict, dtype: Union[str,
         if march is not None:
             configs["cpp.march"] = march
         try:
-            inductor.aoti_compile_and_package(exported, package_path=tmp, inductor_configs=configs)
+            child.compile_package(exported, tmp, configs)  # in a child process: its leftovers go with it
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

@@ -1,0 +1,70 @@
+"""AOTInductor's compile in a child process: the exported program goes to the child through
+``torch.export.save`` (a format of its own, no pickle), the child writes the ``.pt2`` and exits.
+
+Why: what Inductor leaves in a process after a compile stays there, whether the graph is kept or dropped
+(a 100 MiB MLP in bf16: ~180 MiB retained after the graph is freed, compiled in-process with torch.compile or
+AOTInductor alike; BERT-base ~430 MiB), while loading a compiled package and dropping it leaves ~6 MiB. So the
+runtime's process holds only the graph that serves, and a rung that loses the race leaves nothing behind.
+Where the child cannot run (no interpreter to start, a program ``torch.export.save`` cannot write, a failed
+compile) the compile runs in this process, as before, with the reason logged.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("cpuboost")
+
+# The child imports torch only (not cpuboost: it may not be importable from a fresh interpreter's path).
+_CHILD = """
+import json, sys
+import torch
+program, package, configs, threads = sys.argv[1:5]
+torch.set_num_threads(int(threads))  # Inductor sizes its parallel loops by this: the same code as in-process
+from torch import _inductor
+_inductor.aoti_compile_and_package(torch.export.load(program), package_path=package,
+                                   inductor_configs=json.loads(configs))
+"""
+
+
+class ChildCompileError(RuntimeError):
+    """The child process did not produce the package; the first line says why."""
+
+
+def compile_package(exported: Any, package_path: str, configs: dict) -> None:
+    """``torch._inductor.aoti_compile_and_package(exported, package_path, configs)``, in a child process when
+    it can be, else here."""
+    try:
+        _in_child(exported, package_path, configs)
+        return
+    except Exception as exc:  # noqa: BLE001 - the in-process compile below is the same graph
+        log.info("cpuboost: AOTInductor compile in this process (the child could not: %s)",
+                 str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+    from torch import _inductor as inductor
+
+    inductor.aoti_compile_and_package(exported, package_path=package_path, inductor_configs=configs)
+
+
+def _in_child(exported: Any, package_path: str, configs: dict) -> None:
+    package = Path(package_path)
+    program = package.with_name(f"{package.stem}.exported.pt2")
+    try:
+        with warnings.catch_warnings():  # weights sharing one storage (tied embeddings): saved once, as wanted
+            warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+            torch.export.save(exported, str(program))
+        proc = subprocess.run([sys.executable, "-c", _CHILD, str(program), str(package), json.dumps(configs),
+                               str(torch.get_num_threads())], capture_output=True, text=True, check=False,
+                              env=dict(os.environ))
+    finally:
+        program.unlink(missing_ok=True)
+    if proc.returncode != 0 or not package.is_file() or package.stat().st_size == 0:
+        tail = [line for line in (proc.stderr or "").splitlines() if line.strip()][-1:] or ["no output"]
+        raise ChildCompileError(f"exit {proc.returncode}: {tail[0][:300]}")

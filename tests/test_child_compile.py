@@ -1,0 +1,35 @@
+"""AOTInductor compiles in a child process (the compile's leftovers leave with it); where the child cannot
+run, the same compile runs in this process."""
+import logging
+import sys
+
+import pytest
+import torch
+
+from cpuboost.persist import aoti
+
+from nets import MLP, randomize_bn
+
+pytestmark = pytest.mark.slow
+
+
+def _compile(tmp_path, caplog):
+    net = randomize_bn(MLP([16, 32, 8])).eval()
+    x = torch.randn(4, 16)
+    with caplog.at_level(logging.INFO, logger="cpuboost"):
+        graph, path = aoti.compile_aoti(net, (x,), {}, torch.float32, workdir=tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), net(x), rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".pt2") == [path.name]  # exported copy gone
+    return [r.getMessage() for r in caplog.records]
+
+
+def test_aoti_compiles_in_a_child_process(tmp_path, caplog):
+    messages = _compile(tmp_path, caplog)
+    assert not any("compile in this process" in m for m in messages), messages
+
+
+def test_without_a_child_the_compile_runs_here(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    messages = _compile(tmp_path, caplog)
+    assert any("compile in this process (the child could not" in m for m in messages), messages
