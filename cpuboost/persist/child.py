@@ -62,7 +62,7 @@ def _in_child(exported: Any, package_path: str, configs: dict) -> None:
             torch.export.save(exported, str(program))
         proc = subprocess.run([sys.executable, "-c", _CHILD, str(program), str(package), json.dumps(configs),
                                str(torch.get_num_threads())], capture_output=True, text=True, check=False,
-                              env=dict(os.environ))
+                              stdin=subprocess.DEVNULL, env=dict(os.environ))
     finally:
         program.unlink(missing_ok=True)
     if proc.returncode != 0 or not package.is_file() or package.stat().st_size == 0:
