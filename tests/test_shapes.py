@@ -141,3 +141,41 @@ def test_compiled_dynamic_graph_serves_new_lengths_without_rebuilding():
     graphs = cpuboost.explain(model).graphs
     assert sum(1 for g in graphs if not g.rungs[0].fate.startswith("served (dynamic")) <= 2, \
         str(cpuboost.explain(model))
+
+
+class SlowCancelling(nn.Module):
+    """Two near-equal Linear layers subtracted (bf16 loses most of the difference: eager autocast ~0.3 of the
+    output's scale on random inputs, exactly 0 on zeros); its fp32 call sleeps, so eager+passes bf16 wins."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(64, 32), nn.Linear(64, 32)
+        with torch.no_grad():
+            self.b.weight.copy_(self.a.weight + 1e-3 * torch.randn_like(self.a.weight))
+            self.b.bias.copy_(self.a.bias)
+
+    def forward(self, x):
+        if not torch.is_autocast_enabled("cpu"):
+            time.sleep(0.01)
+        return self.a(x) - self.b(x)
+
+
+def test_a_new_size_is_judged_by_its_own_autocast_error_before_it_is_refused():
+    """The family's graph was built on sizes where bf16 is exact (zeros: yardstick 0); a new size where bf16
+    itself is far off is judged by eager autocast's error on that size, not refused and rebuilt."""
+    net = SlowCancelling().eval()
+    model = cpuboost.optimize(net, dtype="bf16", fusion=False, tune_budget=0)
+    for rows in (2, 3):
+        model(torch.zeros(rows, 64))
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        ref = net(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            own = (net(x).float() - ref).abs().max() / ref.abs().max()
+    assert own > 0.1  # far beyond the 1e-2 floor a yardstick of 0 leaves
+    out = model(x)
+    assert ((out - ref).abs().max() / ref.abs().max()) <= 3 * own + 1e-6
+    graphs = cpuboost.explain(model).graphs
+    assert graphs[1].dynamic and graphs[1].path == "eager+passes", str(cpuboost.explain(model))
+    assert graphs[-1].rungs[0].fate == "served (dynamic graph, verified on this size)", str(cpuboost.explain(model))

@@ -19,14 +19,13 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..errors import InvalidOptionError
 from ..machine.hardware import Hardware
 from ..options import Options, dtype_name
 from . import ladder, signature, verify
-from .cache import Family, GraphEntry, SignatureCache
-from .background import BackgroundBuilds, private_inputs
+from .background import BackgroundBuilds
+from .cache import Family, GraphEntry, SignatureCache, verify_dtype
 from .freshness import WeightWatch
-from .precision import PrecisionRunner
+from .precision import eager_runner
 from .pickling import reduce_proxy
 from .proxy import ModelProxy
 from .registry import PassContext, Plan, plan_here
@@ -37,21 +36,6 @@ log = logging.getLogger("cpuboost")
 
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 STATIC_GRAPHS_BEFORE_WARNING = 4
-
-
-def _artifact_dir(folder, dtype: torch.dtype, planned: torch.dtype):
-    """Where a rung keeps its persistent artifact: the signature's folder for the planned dtype; a subfolder
-    for the bf16 rungs an int8 plan races (int8 keeps its own graph in the folder itself)."""
-    if folder is None or dtype == planned:
-        return folder
-    return folder / dtype_name(dtype) if planned == torch.int8 and dtype != torch.float32 else None
-
-
-def _eager_runner(model: nn.Module, dtype: torch.dtype) -> Callable:
-    """The working copy under a precision; fp32 outside any autocast needs no wrapper at all."""
-    if dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
-        return model
-    return PrecisionRunner(model, dtype)
 
 
 class OptimizedModule(ModelProxy):
@@ -98,9 +82,8 @@ class OptimizedModule(ModelProxy):
         return self
 
     def invalidate(self, why: str = "asked") -> None:
-        """Drop every built graph and the working copy; the next call rebuilds and re-verifies. It never waits
-        for a build: one in progress (this model's; other models' do not matter) sees the new epoch and keeps
-        nothing it built from the old weights."""
+        """Drop every built graph and the working copy; the next call rebuilds and re-verifies. Never waits for
+        a build: one in progress sees the new epoch and keeps nothing built from the old weights."""
         with self._lock:
             self.__dict__["_epoch"] = self._epoch + 1
             if len(self._cache) or self._work is not None:
@@ -135,21 +118,11 @@ class OptimizedModule(ModelProxy):
                 self._cache.drop(key)  # a guard miss: this call is a signature nobody verified yet
                 self._report.note(f"a graph's guards refused a call ({exc}); treated as a new signature")
         if self._options.build == "background":
-            return self._answer_now_build_later(key, args, kwargs)
+            return self._builds.answer_now(self, key, args, kwargs)
         return self._build_and_call(key, args, kwargs)
 
-    def _answer_now_build_later(self, key, args: tuple, kwargs: dict) -> Any:
-        """build="background": eager answers now (raising what the model raises, before any build starts);
-        the signature builds in a daemon thread on private copies of the inputs (core/background.py)."""
-        out = self._eager_original(*args, **kwargs)
-        copies = private_inputs(args, kwargs)
-        self._builds.start(key, signature.describe(args, kwargs), lambda: self._build_and_call(key, *copies),
-                           self._report.note)
-        return out
-
     def wait_for_builds(self, timeout: Optional[float] = None) -> bool:
-        """Waits for the background builds (``build="background"``); True when none is running: a readiness
-        check for services, and what benchmarks call before timing the built graphs."""
+        """Waits for ``build="background"`` builds; True when none is running (a readiness check)."""
         return self._builds.wait(timeout)
 
     def _eval_model(self) -> nn.Module:
@@ -174,9 +147,8 @@ class OptimizedModule(ModelProxy):
             return self._eval_model()(*args, **kwargs)
 
     def _build_and_call(self, key, args: tuple, kwargs: dict) -> Any:
-        """Builds of one model run one at a time (they share its working copy, and a race timed beside another
-        build of the same model measures noise); other models build in parallel; built signatures never wait.
-        Inductor and dynamo config patches are made under dynamo's own compile lock (backends/inductor.py)."""
+        """Builds of one model run one at a time (they share its working copy; a race beside another build of
+        it would time noise); other models build in parallel; built signatures never wait."""
         with self._build_lock:
             entry = self._cache.get(key)
             if entry is not None:  # another thread built it while we waited
@@ -279,8 +251,12 @@ class OptimizedModule(ModelProxy):
             self._report.note(f"dynamic graph refused [{sig}]: {ladder._first_line(exc)}")
             return None
         if reference is not None:  # judged by the yardstick error measured when the dynamic graph was built
-            verdict = verify.compare(reference, out, verify_dtype(entry), None, self._options.tolerance,
+            dtype = verify_dtype(entry)
+            verdict = verify.compare(reference, out, dtype, None, self._options.tolerance,
                                      yardstick_error=family.yardstick_error)
+            if not verdict.ok and dtype in (torch.bfloat16, torch.float16):  # this size's own autocast error:
+                verdict = verify.compare(reference, out, dtype, self._autocast_output(dtype, args, kwargs),
+                                         self._options.tolerance)  # low precision may simply do worse here
             if not verdict.ok:
                 self._report.note(f"dynamic graph rejected for [{sig}]: {verdict}; building for it")
                 return None
@@ -301,7 +277,7 @@ class OptimizedModule(ModelProxy):
         if options.shapes == "static":
             return {}
         if options.dynamic_dims:
-            return _checked_dims(options.dynamic_dims, shapes)
+            return signature.checked_dims(options.dynamic_dims, shapes)
         if options.shapes == "dynamic":
             return {w: [d for d, size in enumerate(shape) if size > 1] for w, shape in shapes.items()}
         if family is None:
@@ -376,13 +352,13 @@ class OptimizedModule(ModelProxy):
                     opts = dataclasses.replace(options, dtype=dtype,
                                                calibration=options.calibration if dtype == torch.int8 else None)
                     ctx = PassContext(opts, self._hardware, plan.mode, None, args, kwargs, dynamic_dims=dims or None,
-                                      artifact_dir=_artifact_dir(artifact_dir, dtype, options.dtype))
+                                      artifact_dir=ladder.artifact_dir(artifact_dir, dtype, options.dtype))
                     stage.append(ladder.Rung(f"{spec.name} {dtype_name(dtype)}", spec.name, dtype,
                                              lambda spec=spec, ctx=ctx: spec.fn(work, args, kwargs, ctx), ctx.notes))
                 if dtype in (torch.bfloat16, torch.float16) or (
                         dtype == torch.float32 and passes_changed and not low_precision_work):
                     stage.append(ladder.Rung(f"eager+passes {dtype_name(dtype)}", "eager+passes", dtype,
-                                             lambda dtype=dtype: _eager_runner(work, dtype)))
+                                             lambda dtype=dtype: eager_runner(work, dtype)))
             if stage:
                 stages.append(stage)
         if prefer:  # a known winner goes first; with it, the ladder stops at the first rung that wins
@@ -417,25 +393,3 @@ class OptimizedModule(ModelProxy):
 
     def explain(self) -> Report:
         return self._report
-
-
-def verify_dtype(entry: GraphEntry) -> torch.dtype:
-    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "int8": torch.int8}
-    return names.get(entry.record.dtype, torch.float32)
-
-
-def _checked_dims(declared: dict, shapes: dict) -> dict:
-    """``dynamic_dims`` checked against this call: every input named must be a tensor with those dims."""
-    for where, dims in declared.items():
-        if where not in shapes:
-            inputs = ", ".join(repr(w) for w in shapes) or "none"
-            msg = (f"dynamic_dims names input {where!r}, which this call does not pass as a tensor (tensor inputs: "
-                   f"{inputs}); name a keyword argument or a positional index from those")
-            raise InvalidOptionError(msg)
-        rank = len(shapes[where])
-        bad = [d for d in dims if not -rank <= d < rank]
-        if bad:
-            msg = (f"dynamic_dims[{where!r}] = {list(dims)} names dim(s) {bad}, but that input has {rank} dims "
-                   f"(shape {list(shapes[where])}); use indices 0..{rank - 1}")
-            raise InvalidOptionError(msg)
-    return {w: sorted(d % len(shapes[w]) for d in dims) for w, dims in declared.items() if dims}
