@@ -14,6 +14,8 @@ from typing import Any, Callable, Hashable, Optional
 import torch
 from torch.utils import _pytree as pytree
 
+from . import signature
+
 
 def private_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Copies of the call's tensors for the build: the caller may reuse or overwrite its own as soon as the
@@ -28,6 +30,15 @@ class BackgroundBuilds:
         self.lock = threading.Lock()
         self.running: dict[Hashable, threading.Thread] = {}
         self.failed: dict[Hashable, str] = {}
+
+    def answer_now(self, model: Any, key: Hashable, args: tuple, kwargs: dict) -> Any:
+        """Eager's answer for ``model`` (an OptimizedModule) now, raising what the model raises before any
+        build starts; the signature then builds in a daemon thread on private copies of the inputs."""
+        out = model._eager_original(*args, **kwargs)
+        copies = private_inputs(args, kwargs)
+        self.start(key, signature.describe(args, kwargs), lambda: model._build_and_call(key, *copies),
+                   model._report.note)
+        return out
 
     def start(self, key: Hashable, sig: str, build: Callable[[], Any], note: Callable[[str], None]) -> None:
         """Starts ``build`` for ``key`` unless one is running or has failed."""

@@ -110,3 +110,9 @@ class SignatureCache:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+def verify_dtype(entry: GraphEntry) -> torch.dtype:
+    """The dtype an entry's graph is judged in (its record's)."""
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "int8": torch.int8}
+    return names.get(entry.record.dtype, torch.float32)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..errors import CpuBoostError
+from ..options import dtype_name
 from . import race, verify
 from .progress import progress
 from .report import RungRecord
@@ -165,3 +166,11 @@ def _try(rung: Rung, args: tuple, kwargs: dict, reference: Any, yardstick: Calla
         record.fate = "slower than eager fp32"
         return record
     return Winner(rung, fn, out, verdict, seconds, ms, eager_ms, max(race.resident_mb() - before, 0.0), record)
+
+
+def artifact_dir(folder, dtype: torch.dtype, planned: torch.dtype):
+    """Where a rung keeps its persistent artifact: the signature's folder for the planned dtype; a subfolder
+    for the bf16 rungs an int8 plan races (int8 keeps its own graph in the folder itself)."""
+    if folder is None or dtype == planned:
+        return folder
+    return folder / dtype_name(dtype) if planned == torch.int8 and dtype != torch.float32 else None

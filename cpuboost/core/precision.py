@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -35,3 +35,10 @@ def fresh_runner(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     exec(compile(source, f"<cpuboost-graph-{n}>", "exec"), {"PrecisionRunner": PrecisionRunner}, namespace)
     cls = type(f"CompiledRunner{n}", (PrecisionRunner,), {"forward": namespace["forward"]})
     return cls(model, dtype)
+
+
+def eager_runner(model: nn.Module, dtype: torch.dtype) -> Callable:
+    """The working copy under a precision; fp32 outside any autocast needs no wrapper at all."""
+    if dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+        return model
+    return PrecisionRunner(model, dtype)

@@ -6,6 +6,8 @@ from typing import Any, Hashable
 import torch
 from torch.utils import _pytree as pytree
 
+from ..errors import InvalidOptionError
+
 _SCALARS = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device)
 
 
@@ -81,3 +83,20 @@ def varying_dims(first: dict[Any, tuple[int, ...]], now: dict[Any, tuple[int, ..
     dims = {where: [d for d, (a, b) in enumerate(zip(first[where], shape)) if a != b]
             for where, shape in now.items() if where in first}
     return {where: ds for where, ds in dims.items() if ds}
+
+
+def checked_dims(declared: dict, shapes: dict) -> dict:
+    """``dynamic_dims`` checked against this call: every input named must be a tensor with those dims."""
+    for where, dims in declared.items():
+        if where not in shapes:
+            inputs = ", ".join(repr(w) for w in shapes) or "none"
+            msg = (f"dynamic_dims names input {where!r}, which this call does not pass as a tensor (tensor inputs: "
+                   f"{inputs}); name a keyword argument or a positional index from those")
+            raise InvalidOptionError(msg)
+        rank = len(shapes[where])
+        bad = [d for d in dims if not -rank <= d < rank]
+        if bad:
+            msg = (f"dynamic_dims[{where!r}] = {list(dims)} names dim(s) {bad}, but that input has {rank} dims "
+                   f"(shape {list(shapes[where])}); use indices 0..{rank - 1}")
+            raise InvalidOptionError(msg)
+    return {w: sorted(d % len(shapes[w]) for d in dims) for w, dims in declared.items() if dims}
