@@ -251,8 +251,12 @@ class OptimizedModule(ModelProxy):
             self._report.note(f"dynamic graph refused [{sig}]: {ladder._first_line(exc)}")
             return None
         if reference is not None:  # judged by the yardstick error measured when the dynamic graph was built
-            verdict = verify.compare(reference, out, verify_dtype(entry), None, self._options.tolerance,
+            dtype = verify_dtype(entry)
+            verdict = verify.compare(reference, out, dtype, None, self._options.tolerance,
                                      yardstick_error=family.yardstick_error)
+            if not verdict.ok and dtype in (torch.bfloat16, torch.float16):  # this size's own autocast error:
+                verdict = verify.compare(reference, out, dtype, self._autocast_output(dtype, args, kwargs),
+                                         self._options.tolerance)  # low precision may simply do worse here
             if not verdict.ok:
                 self._report.note(f"dynamic graph rejected for [{sig}]: {verdict}; building for it")
                 return None
