@@ -277,9 +277,13 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for every variant (on a shared machine 1 avoids OpenMP oversubscription)")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each variant (best kept; the machine is shared)")
     ns = parser.parse_args(argv)
     ns.only, ns.skip = ns.only.split(","), ns.skip.split(",")
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
     warnings.filterwarnings("ignore")
     import transformers
 
