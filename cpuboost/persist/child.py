@@ -30,8 +30,9 @@ import torch
 program, package, configs, threads = sys.argv[1:5]
 torch.set_num_threads(int(threads))  # Inductor sizes its parallel loops by this: the same code as in-process
 from torch import _inductor
-_inductor.aoti_compile_and_package(torch.export.load(program), package_path=package,
-                                   inductor_configs=json.loads(configs))
+with torch.no_grad():  # freezing (weight prepacking, constant folding) applies only without grad
+    _inductor.aoti_compile_and_package(torch.export.load(program), package_path=package,
+                                       inductor_configs=json.loads(configs))
 """
 
 
