@@ -46,9 +46,11 @@ def serve_only(compiled: nn.Module) -> Callable:
     from torch._dynamo import convert_frame, trace_rules
     from torch._dynamo.eval_frame import _TorchDynamoContext
 
+    skip = getattr(convert_frame, "ConvertFrameReturn", lambda: None)  # None meant "skip" before torch 2.6
+
     def refuse_new_frame(frame: Any, *_: Any, **__: Any) -> Any:
         if trace_rules.check(frame.f_code) or not convert_frame.has_tensor_in_frame(frame):
-            return convert_frame.ConvertFrameReturn()  # what the stance does: frames it would not compile
+            return skip()  # what the stance does: frames it would not compile
         raise RecompileRefused(f"a guard of the compiled graph rejected this call ({frame.f_code.co_name}, "
                                f"line {frame.f_lineno}); it would need a compile nobody verified")
 
