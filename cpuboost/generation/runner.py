@@ -166,7 +166,7 @@ class GenerationRunner:
                 yard = copies.yard.generate(**probe)
         failures = []
         with self._build_lock:
-            for how, options in BUILDS["weight-only" if copies.kind else "float"]:
+            for how, options in BUILDS:
                 step = DecodeStep(copies.decode, how, options)
                 try:
                     out = self._run_static(copies, step, call.batch, bucket, (), probe)
