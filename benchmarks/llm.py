@@ -53,11 +53,17 @@ def _qwen2(layers: int):
 
 
 def _read_bandwidth() -> float:
-    """GB/s of summing a 1 GiB fp32 tensor (bytes read), best of 5: a decode step's ceiling."""
+    """GB/s of summing a 1 GiB fp32 tensor (bytes read) on every core, best of 5: a decode step's ceiling (one
+    thread's sum is bound by its adds, not by memory: a 1-thread decode can read faster than that)."""
     import torch
 
-    x = torch.ones(256 * 2**20)
-    best = min(_timed(lambda: x.sum()) for _ in range(5))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        x = torch.ones(256 * 2**20)
+        best = min(_timed(lambda: x.sum()) for _ in range(5))
+    finally:
+        torch.set_num_threads(threads)
     return x.numel() * 4 / best / 1e9
 
 
