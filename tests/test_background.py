@@ -59,6 +59,22 @@ def test_first_answer_is_eagers_and_the_build_lands_for_later_calls():
     assert any(BACKGROUND_NOTE in e for e in report.events) and len(report.graphs) == 1
 
 
+def test_the_background_build_keeps_the_callers_autocast():
+    """Under an outer bf16 autocast the background build runs under it too (autocast is thread-local and
+    part of the key): the graph that lands answers in bf16, as eager does there."""
+    net = MLP([16, 32, 8]).eval()
+    model = cpuboost.optimize(net, dtype="fp32", fusion=False, build="background")
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _eager(net, x)
+        assert torch.equal(model(x), expected) and expected.dtype == torch.bfloat16
+        assert model.wait_for_builds(timeout=300)
+        assert model._cache.get(signature.call_key((x,), {})) is not None
+        later = model(x)
+    assert later.dtype == torch.bfloat16
+    torch.testing.assert_close(later.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_a_failed_background_build_is_recorded_and_eager_keeps_answering():
     """A build that raises in the background (dynamic_dims names an input the call does not have) is in
     explain(); the signature is answered by eager without a new build on every call."""

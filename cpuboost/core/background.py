@@ -33,11 +33,18 @@ class BackgroundBuilds:
 
     def answer_now(self, model: Any, key: Hashable, args: tuple, kwargs: dict) -> Any:
         """Eager's answer for ``model`` (an OptimizedModule) now, raising what the model raises before any
-        build starts; the signature then builds in a daemon thread on private copies of the inputs."""
+        build starts; the signature then builds in a daemon thread on private copies of the inputs, under the
+        caller's autocast and grad mode (both thread-local, and the autocast state is part of the key)."""
         out = model._eager_original(*args, **kwargs)
         copies = private_inputs(args, kwargs)
-        self.start(key, signature.describe(args, kwargs), lambda: model._build_and_call(key, *copies),
-                   model._report.note)
+        autocast, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+        grad = torch.is_grad_enabled()
+
+        def build() -> None:
+            with torch.autocast("cpu", dtype=dtype, enabled=autocast), torch.set_grad_enabled(grad):
+                model._build_and_call(key, *copies)
+
+        self.start(key, signature.describe(args, kwargs), build, model._report.note)
         return out
 
     def start(self, key: Hashable, sig: str, build: Callable[[], Any], note: Callable[[str], None]) -> None:
