@@ -137,3 +137,18 @@ def test_watch_sees_whole_element_edits_through_data(dtype, edit):
         bits = data.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[data.element_size()])
         bits.bitwise_xor_(1)
     assert watch.changed() == "a weight's values changed (a write through .data)"
+
+
+def test_the_watch_keeps_sampled_memory_alive_when_data_is_rebound():
+    """After ``p.data = other`` drops the last reference to the old storage, the memory the sampler reads
+    is still held (nothing allocated afterwards lands on it), so a check racing a rebinding thread never
+    reads freed memory; the rebinding itself is reported."""
+    from cpuboost.core.freshness import WeightWatch
+
+    net = nn.Linear(256, 256)
+    watch = WeightWatch(net)
+    old_address = net.weight.data_ptr()
+    net.weight.data = torch.randn(256, 256)
+    fresh = [torch.empty(256, 256) for _ in range(64)]
+    assert old_address not in {t.data_ptr() for t in fresh}
+    assert watch.changed() == "a weight was rebound (.data = ...)"
