@@ -184,7 +184,7 @@ def test_output_structure_round_trips_without_compiling():
 
 
 def test_many_threads_share_one_loaded_graph(built):
-    """The AOTInductor container serializes runs on its one model instance: same answers as one thread."""
+    """The AOTInductor container runs calls on its model instances at once: same answers as one thread."""
     from concurrent.futures import ThreadPoolExecutor
 
     graph = built["graph"]

@@ -240,6 +240,9 @@ def _drop_inductor_copy(pt2: Path) -> None:
         log.debug("cpuboost: left AOTInductor's build folder in place (%s)", exc)
 
 
+RUNNERS = 4
+
+
 class PackagedGraph:
     """One AOTInductor graph for one input signature, answering in the recorded output structure."""
 
@@ -258,7 +261,9 @@ class PackagedGraph:
         try:
             # The C++ loader straight away: aoti_load_package would import torch._inductor (seconds) only to
             # wrap it in pytree specs we do not use (ours are JSON, above).
-            self._loader = torch._C._aoti.AOTIModelPackageLoader(str(self.path), "model", False, 1, -1)
+            # RUNNERS model instances share one copy of the weights (model_container.h), so that many calls of
+            # one graph run at once instead of taking turns
+            self._loader = torch._C._aoti.AOTIModelPackageLoader(str(self.path), "model", False, RUNNERS, -1)
         except Exception as exc:
             raise PackageFormatError(f"{self.path} does not load as an AOTInductor package "
                                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from exc
