@@ -2,6 +2,7 @@
 run, the same compile runs in this process."""
 import logging
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -21,6 +22,11 @@ def _compile(tmp_path, caplog):
     with torch.no_grad():
         torch.testing.assert_close(graph(x), net(x), rtol=1e-4, atol=1e-5)
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".pt2") == [path.name]  # exported copy gone
+    with zipfile.ZipFile(path) as package:
+        wrapper = "".join(package.read(n).decode(errors="ignore") for n in package.namelist()
+                          if n.endswith(".wrapper.cpp"))
+    # frozen: the Linear weights prepacked for MKL/oneDNN (an unfrozen graph calls addmm on plain weights)
+    assert "_mkl_linear" in wrapper or "_linear_pointwise" in wrapper, "the graph was compiled without freezing"
     return [r.getMessage() for r in caplog.records]
 
 
