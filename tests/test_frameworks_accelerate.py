@@ -8,20 +8,24 @@ import pytest
 import torch
 
 import cpuboost
-from frameworks import bert
+from frameworks import bert, reset_accelerate
 
 accelerate = pytest.importorskip("accelerate")
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "accelerate_train.py"
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test starts and ends without accelerate's process-wide state (an earlier Trainer may have set it)."""
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
 @pytest.fixture
 def accelerator():
-    """A fresh bf16 CPU Accelerator with accumulation over 2 micro-batches (its singleton state reset after)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield accelerate.Accelerator(cpu=True, mixed_precision="bf16", gradient_accumulation_steps=2)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    """A bf16 CPU Accelerator with accumulation over 2 micro-batches."""
+    return accelerate.Accelerator(cpu=True, mixed_precision="bf16", gradient_accumulation_steps=2)
 
 
 def _batches(n: int = 4):
@@ -47,14 +51,11 @@ def _train(accelerator, model, optimizer, batches) -> list[float]:
 
 def _plain_losses(batches) -> list[float]:
     """accelerate alone (its own bf16 autocast), for the loss comparison."""
-    from accelerate.state import AcceleratorState, GradientState
-
     acc = accelerate.Accelerator(cpu=True, mixed_precision="bf16", gradient_accumulation_steps=2)
     model = bert(num_labels=3).train()
     model, optimizer = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=2e-3))
     losses = _train(acc, model, optimizer, batches)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     return losses
 
 
@@ -63,28 +64,22 @@ def test_optimize_then_prepare_trains_accumulates_saves_and_unwraps(tmp_path):
     2nd micro-batch, save_state/load_state restore the weights, unwrap_model and cpuboost.unwrap give the model."""
     batches = _batches()
     expected = _plain_losses(batches)
-    from accelerate.state import AcceleratorState, GradientState
-
     acc = accelerate.Accelerator(cpu=True, mixed_precision="bf16", gradient_accumulation_steps=2)
-    try:
-        net = bert(num_labels=3).train()
-        model, optimizer = cpuboost.optimize(net, torch.optim.AdamW(net.parameters(), lr=2e-3), dtype="bf16")
-        model, optimizer = acc.prepare(model, optimizer)
-        assert "fused_optimizer" in cpuboost.explain(model).applied  # cpuboost saw the plain AdamW
-        losses = _train(acc, model, optimizer, batches)
-        assert losses == pytest.approx(expected, rel=2e-2)  # both bf16 autocast: within bf16 noise
-        acc.save_state(str(tmp_path))
-        saved = {k: v.clone() for k, v in net.state_dict().items()}
-        with torch.no_grad():
-            net.classifier.weight.add_(1.0)
-        acc.load_state(str(tmp_path))
-        assert all(torch.equal(saved[k], v) for k, v in net.state_dict().items())
-        unwrapped = acc.unwrap_model(model)
-        assert isinstance(unwrapped, type(net)) and cpuboost.unwrap(unwrapped) is net
-        assert list(unwrapped.state_dict()) == list(net.state_dict())
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+    net = bert(num_labels=3).train()
+    model, optimizer = cpuboost.optimize(net, torch.optim.AdamW(net.parameters(), lr=2e-3), dtype="bf16")
+    model, optimizer = acc.prepare(model, optimizer)
+    assert "fused_optimizer" in cpuboost.explain(model).applied  # cpuboost saw the plain AdamW
+    losses = _train(acc, model, optimizer, batches)
+    assert losses == pytest.approx(expected, rel=2e-2)  # both bf16 autocast: within bf16 noise
+    acc.save_state(str(tmp_path))
+    saved = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        net.classifier.weight.add_(1.0)
+    acc.load_state(str(tmp_path))
+    assert all(torch.equal(saved[k], v) for k, v in net.state_dict().items())
+    unwrapped = acc.unwrap_model(model)
+    assert isinstance(unwrapped, type(net)) and cpuboost.unwrap(unwrapped) is net
+    assert list(unwrapped.state_dict()) == list(net.state_dict())
 
 
 def test_prepare_then_optimize_works_on_one_process(accelerator):

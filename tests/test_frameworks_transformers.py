@@ -9,7 +9,8 @@ import torch
 
 import cpuboost
 from cpuboost.integrations.transformers import trainer_parts
-from frameworks import TEXTS, VOCAB, LabelledTexts, TransformersLog, bert, gpt2, same_weights, tokenizer
+from frameworks import (TEXTS, VOCAB, LabelledTexts, TransformersLog, bert, gpt2, reset_accelerate, same_weights,
+                        tokenizer)
 from oracle import allowed_error, rel_err
 
 transformers = pytest.importorskip("transformers")
@@ -110,27 +111,26 @@ def _speech_parts(tmp_path):
     return transformers.Wav2Vec2ForCTC(cfg), parts, audio
 
 
-def _transcript_ids(model, parts, audio) -> list[list[int]]:
-    """The CTC argmax ids the pipeline decodes, from the model's logits (eager, for the tie check)."""
-    features = parts["feature_extractor"](audio[0], sampling_rate=16000, return_tensors="pt")
-    with torch.no_grad():
-        return model(**features).logits
-
-
 def test_speech_recognition_pipeline(tmp_path):
-    """automatic-speech-recognition (CTC): no "not supported" log; the transcript is the plain pipeline's
-    wherever the plain model's top two logits are further apart than bf16 can move them."""
+    """automatic-speech-recognition (CTC): no "not supported" log; the logits the optimized model gave the
+    pipeline are within bf16's tolerance of the plain model's (CTC's argmax text may flip on near-ties, so the
+    transcript is compared exactly only when an fp32 path served)."""
     model, parts, audio = _speech_parts(tmp_path)
     plain, fast, optimized, log = _pipelines("automatic-speech-recognition", model, parts)
     assert not log.messages("not supported")
+    served = []
+    optimized.register_forward_hook(lambda module, args, out: served.append(out.logits))
     expected, got = plain(audio), fast(audio)
-    assert [len(e["text"]) > 0 for e in expected] == [len(g["text"]) > 0 for g in got]
-    graph = cpuboost.explain(optimized).graphs[-1]
-    if graph.dtype in ("", "fp32"):  # eager or an fp32 graph served: the same transcript exactly
+    assert len(served) == len(audio) and all(g["text"] for g in got)
+    for logits, clip in zip(served, audio):
+        features = parts["feature_extractor"](clip, sampling_rate=16000, return_tensors="pt")
+        with torch.no_grad():
+            reference = model(**features).logits
+            with torch.autocast("cpu", dtype=BF16):
+                own = model(**features).logits.float()
+        assert rel_err(logits, reference) <= allowed_error(BF16, reference, own)
+    if cpuboost.explain(optimized).graphs[-1].dtype in ("", "fp32"):  # eager or fp32 served: the same text
         assert got == expected
-    else:  # a bf16 graph: characters agree except where the plain logits are a near-tie
-        matching = sum(a == b for e, g in zip(expected, got) for a, b in zip(e["text"], g["text"]))
-        assert matching >= 0.9 * sum(len(e["text"]) for e in expected)
 
 
 def test_text_generation_pipeline_uses_cpuboost_generate(tmp_path):
@@ -144,6 +144,13 @@ def test_text_generation_pipeline_uses_cpuboost_generate(tmp_path):
         ids, ref = g[0]["generated_token_ids"], e[0]["generated_token_ids"]
         assert len(ids) == len(ref) and ids[:-4] == ref[:-4]  # the prompt, then 4 new tokens
     assert any(event.startswith("generate:") for event in cpuboost.explain(optimized).events)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Trainer sets accelerate's process-wide state; later tests (and files) start without it."""
+    yield
+    reset_accelerate()
 
 
 def _trainer(model_and_opt: dict, out, steps: int = 6, **extra):
@@ -166,7 +173,7 @@ def _by_hand(args_model):
 
 
 @pytest.mark.parametrize("form", ["by_hand", "trainer_parts"])
-def test_trainer_trains_evaluates_predicts_and_saves(form, tmp_path):
+def test_trainer_trains_evaluates_predicts_and_saves(form, tmp_path, fresh_accelerate_state):
     """Trainer with a cpuboost training model: columns chosen from forward's signature, loss falls, evaluate
     and predict take cpuboost's inference path, save_model writes a checkpoint from_pretrained loads."""
     model = bert(num_labels=3)
@@ -191,7 +198,7 @@ def test_trainer_trains_evaluates_predicts_and_saves(form, tmp_path):
     assert type(loaded) is transformers.BertForSequenceClassification and same_weights(loaded, model)
 
 
-def test_trainer_resumes_from_a_checkpoint(tmp_path):
+def test_trainer_resumes_from_a_checkpoint(tmp_path, fresh_accelerate_state):
     """A run resumed from checkpoint-3 ends with the weights of the uninterrupted 6-step run."""
     straight = bert(num_labels=3)
     trainer, _ = _trainer(lambda args: trainer_parts(straight, args, backend="eager"), tmp_path / "a")
