@@ -65,6 +65,7 @@ def main() -> None:
         if cli.out:
             with open(cli.out, "w") as fh:
                 json.dump(reports, fh)
+    accelerator.end_training()  # destroys the process group: gloo's threads left running abort the exit
 
 
 if __name__ == "__main__":

@@ -176,8 +176,8 @@ def test_class_that_is_not_a_module_is_rejected():
 
 def test_bad_option_fails_at_decoration_time():
     """A bad dtype in the decorator fails immediately, before any model is built."""
-    with pytest.raises(CpuBoostError, match="'int4'"):
-        cpu_optimized(dtype="int4")(lambda: nn.Linear(1, 1))
+    with pytest.raises(CpuBoostError, match="'int3'"):
+        cpu_optimized(dtype="int3")(lambda: nn.Linear(1, 1))
 
 
 def test_optimizer_not_owning_model_params_is_rejected_untouched():
