@@ -135,6 +135,7 @@ def test_threads_do_not_share_state():
         t.start()
     for t in threads:
         t.join(10)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck"
     assert results == {"holder": True, "other": False, "other_inside": True, "other_after": False}
 
 

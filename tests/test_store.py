@@ -127,7 +127,7 @@ def test_concurrent_writers_never_corrupt(tmp_path):
     results = [queue.get(timeout=60) for _ in procs]
     for p in procs:
         p.join(timeout=60)
-        assert p.exitcode == 0
+        assert not p.is_alive() and p.exitcode == 0
     assert all(bad == 0 and not caught for _, bad, caught in results), results
     store = st.DecisionStore(tmp_path)
     assert store.get(_key())["rung"] == "aoti"
