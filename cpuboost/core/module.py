@@ -194,7 +194,8 @@ class OptimizedModule(ModelProxy):
 
         dims = self._dynamic_dims(family, shapes, args, kwargs)
         prefer = family.winner if family is not None else self._winners.get(family_key)
-        found = self._persistent(args, kwargs) if not dims else None  # holds the entry's cross-process lock
+        # a family's first build (static, or dynamic in token dims) keeps its decision; holds the entry's lock
+        found = self._persistent(args, kwargs) if family is None or not dims else None
         if found is not None and found.waited_s > 1:
             self._report.note(f"[{sig}]: waited {found.waited_s:.1f} s for another process building it")
         if found is not None and found.decision is not None and prefer is None:
@@ -280,8 +281,8 @@ class OptimizedModule(ModelProxy):
             return signature.checked_dims(options.dynamic_dims, shapes)
         if options.shapes == "dynamic":
             return {w: [d for d, size in enumerate(shape) if size > 1] for w, shape in shapes.items()}
-        if family is None:
-            return {}
+        if family is None:  # token sequences: one dynamic graph from the first build
+            return signature.sequence_dims(shapes)
         varying = signature.varying_dims(family.first_shapes, shapes)
         merged = {w: sorted(set(family.dims.get(w, [])) | set(varying.get(w, []))) for w in {*family.dims, *varying}}
         return {w: d for w, d in merged.items() if d}

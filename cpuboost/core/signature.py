@@ -85,6 +85,16 @@ def varying_dims(first: dict[Any, tuple[int, ...]], now: dict[Any, tuple[int, ..
     return {where: ds for where, ds in dims.items() if ds}
 
 
+SEQUENCE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def sequence_dims(shapes: dict[Any, tuple[int, ...]]) -> dict[Any, list[int]]:
+    """Dim 1 of the inputs whose names say they are token sequences (transformers' names), where it is longer
+    than 1: a text model meets a new length almost every call, so its first graph is built dynamic in that dim
+    and one build serves the family (instead of a static build, then a dynamic one at the second length)."""
+    return {w: [1] for w, shape in shapes.items() if w in SEQUENCE_INPUTS and len(shape) == 2 and shape[1] > 1}
+
+
 def checked_dims(declared: dict, shapes: dict) -> dict:
     """``dynamic_dims`` checked against this call: every input named must be a tensor with those dims."""
     for where, dims in declared.items():
