@@ -185,3 +185,14 @@ def test_a_new_size_is_judged_by_its_own_autocast_error_before_it_is_refused():
     graphs = cpuboost.explain(model).graphs
     assert graphs[1].dynamic and graphs[1].path == "eager+passes", str(cpuboost.explain(model))
     assert graphs[-1].rungs[0].fate == "served (dynamic graph, verified on this size)", str(cpuboost.explain(model))
+
+
+@pytest.mark.slow
+def test_int8_keeps_a_static_first_build_for_token_inputs():
+    """int8 graphs are built static (they drop out for dynamic dims): token inputs do not make an int8 model's
+    first build dynamic, which would leave it without any int8 candidate."""
+    net = _tiny_bert()
+    model = cpuboost.optimize(net, dtype="int8", fusion=False, tune_budget=0)
+    model(**_ids(8))
+    first = cpuboost.explain(model).graphs[0]
+    assert first.dynamic == "", str(cpuboost.explain(model))

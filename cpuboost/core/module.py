@@ -281,8 +281,8 @@ class OptimizedModule(ModelProxy):
             return signature.checked_dims(options.dynamic_dims, shapes)
         if options.shapes == "dynamic":
             return {w: [d for d, size in enumerate(shape) if size > 1] for w, shape in shapes.items()}
-        if family is None:  # token sequences: one dynamic graph from the first build
-            return signature.sequence_dims(shapes)
+        if family is None:  # token sequences: one dynamic graph from the first build (int8 is built static)
+            return signature.sequence_dims(shapes) if options.dtype != torch.int8 else {}
         varying = signature.varying_dims(family.first_shapes, shapes)
         merged = {w: sorted(set(family.dims.get(w, [])) | set(varying.get(w, []))) for w in {*family.dims, *varying}}
         return {w: d for w, d in merged.items() if d}
