@@ -54,7 +54,10 @@ def serve_only(compiled: nn.Module) -> Callable:
         raise RecompileRefused(f"a guard of the compiled graph rejected this call ({frame.f_code.co_name}, "
                                f"line {frame.f_lineno}); it would need a compile nobody verified")
 
+    # the attribute dynamo's cache lookup follows to the backend: _orig_backend in torch 2.13, _orig_callable
+    # before (torch 2.8, the IPEX environment's); each version reads only its own
     refuse_new_frame._torchdynamo_orig_backend = compiled.dynamo_ctx.callback  # type: ignore[attr-defined]
+    refuse_new_frame._torchdynamo_orig_callable = compiled.dynamo_ctx.callback  # type: ignore[attr-defined]
     return _TorchDynamoContext(refuse_new_frame)(compiled.forward._torchdynamo_orig_callable)
 
 
