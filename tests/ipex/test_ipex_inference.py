@@ -157,9 +157,10 @@ def test_auto_builds_both_and_keeps_the_faster(dtype):
     both = [rung(model, f"inductor {dtype}"), rung(model, f"ipex {dtype}")]
     assert all(verified(r) and r.ms > 0 for r in both), str(report)  # both built, verified and timed
     raced = [r for r in graph.rungs if r.ms is not None and r.vs_eager and r.vs_eager > 1 and r.error.startswith("ok")]
-    if raced:  # of the verified rungs that beat eager, the fastest (against eager, interleaved) serves
-        fastest = max(raced, key=lambda r: r.vs_eager)
-        assert fastest.fate == "served" and graph.path == fastest.name.rsplit(" ", 1)[0], str(report)
+    if raced:  # one verified rung serves; every other lost a side-by-side race (timed interleaved, not alone)
+        served = [r for r in raced if r.fate == "served"]
+        assert len(served) == 1 and graph.path == served[0].name.rsplit(" ", 1)[0], str(report)
+        assert all(r.fate.startswith("verified but slower than") for r in raced if r is not served[0]), str(report)
     assert "raced" in report._repr_html_()
     assert rel_err(out, net(x)) <= TOL[dtype]
     assert rel_err(model(x * 0.5), net(x * 0.5)) <= TOL[dtype]  # the kept graph, cached
