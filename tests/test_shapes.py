@@ -11,6 +11,7 @@ from torch import nn
 import cpuboost
 from cpuboost.core import registry
 from cpuboost.errors import InvalidOptionError
+from cpuboost.persist.errors import PackagedPathWarning
 
 from nets import MLP, randomize_bn
 
@@ -130,7 +131,7 @@ def test_bad_dynamic_dims_are_typed_errors(dims, match):
 
 
 @pytest.mark.slow
-def test_compiled_dynamic_graph_serves_new_lengths_without_rebuilding():
+def test_compiled_dynamic_graph_serves_new_lengths_without_rebuilding(tmp_path):
     """With Inductor: the first length builds one graph dynamic in the token dim; each rung is raced once for
     the family (not again at the second length); later lengths reuse the graph, verified."""
     net = _tiny_bert()
@@ -147,6 +148,9 @@ def test_compiled_dynamic_graph_serves_new_lengths_without_rebuilding():
     assert raced.count("inductor fp32") == 1, raced
     assert all(g.verification.startswith(("ok", "is the reference", "eager")) for g in graphs[:2]), \
         str(cpuboost.explain(model))
+    with pytest.warns(PackagedPathWarning):  # the first length is recorded for save(), as before; its package
+        package = cpuboost.save(model, tmp_path / "bert")  # gets an AOTInductor graph (it served another way)
+    assert (package / "manifest.json").exists()
 
 
 class SlowCancelling(nn.Module):

@@ -228,7 +228,7 @@ class OptimizedModule(ModelProxy):
                 self._mark_pass(rung.name.rsplit(" ", 1)[0], "failed" if rung.fate.startswith(("failed", "rej"))
                                 else "skipped", rung.build_seconds, f"[{sig}] {rung.line()}")
         record.build_seconds = time.perf_counter() - started
-        entry.example = (args, kwargs) if not dims else None
+        entry.example = (args, kwargs) if not dims or family is None else None  # what save() compiles for
         if found is not None:
             yard = winner.verdict.yardstick if winner is not None and winner.verdict is not None else None
             self._warm.remember(found, winner.rung.name if winner is not None else None, yard)
@@ -281,8 +281,9 @@ class OptimizedModule(ModelProxy):
             return signature.checked_dims(options.dynamic_dims, shapes)
         if options.shapes == "dynamic":
             return {w: [d for d, size in enumerate(shape) if size > 1] for w, shape in shapes.items()}
-        if family is None:  # token sequences: one dynamic graph from the first build (int8 is built static)
-            return signature.sequence_dims(shapes) if options.dtype != torch.int8 else {}
+        if family is None:  # token sequences: one dynamic graph from the first build (int8 and IPEX trace static)
+            static_only = options.dtype == torch.int8 or options.backend == "ipex"
+            return signature.sequence_dims(shapes) if not static_only else {}
         varying = signature.varying_dims(family.first_shapes, shapes)
         merged = {w: sorted(set(family.dims.get(w, [])) | set(varying.get(w, []))) for w in {*family.dims, *varying}}
         return {w: d for w, d in merged.items() if d}
