@@ -126,7 +126,7 @@ class Options:
     compile_training: bool = False
     tolerance: Optional[float] = None      # demand closer than the dtype's own judge (max-normalised error)
     tune_budget: float = 30.0              # seconds the ladder may spend on more rungs after a winner
-    shapes: str = "auto"                   # "auto": static first, one dynamic graph once a dim varies
+    shapes: str = "auto"                   # "auto": static first (token dims: dynamic), then one dynamic graph
     dynamic_dims: Optional[Mapping] = None  # {input name or position: [dims]} declared dynamic up front
     cache_dir: Optional[str] = None        # persistent decisions and artifacts; None: CPUBOOST_CACHE_DIR
     calibration: Optional[Any] = None      # int8: example inputs (tuples of args or dicts of kwargs)
