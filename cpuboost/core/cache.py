@@ -4,7 +4,8 @@ An exact signature maps to the entry that serves it. A family remembers its firs
 there, and at most one dynamic graph: once a dimension takes a second size (``shapes="auto"``; token inputs
 from the first size, ``signature.sequence_dims``), one graph dynamic in that dimension serves later sizes;
 each is checked against eager until the graph has passed on two sizes, then every fourth (a new length
-costs the served call, not an eager call on top). The exact-signature table is a bounded LRU of references: evicting one only costs a re-verification.
+costs the served call, not an eager call on top). The exact-signature table is a bounded LRU of
+references: evicting one only costs a re-verification.
 """
 from __future__ import annotations
 
