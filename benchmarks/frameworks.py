@@ -237,6 +237,8 @@ def bench_training(kind: str, ns, folder: Path) -> list[tuple]:
         runs += [("accelerate", v, lambda v=v: run_accelerate(kind, ns, v)) for v in ("bf16", "cpuboost")]
     if "lightning" in ns.only:
         runs += [("Lightning", v, lambda v=v: run_lightning(kind, ns, v, folder)) for v in ("bf16-mixed", "cpuboost")]
+    if not runs:  # --only pipeline: no training framework asked for
+        return []
     clocks: dict[tuple[str, str], list[StepClock]] = {(f, v): [] for f, v, _ in runs}
     for r in range(ns.repeat):  # each repeat in a rotated order; the best rate of each is kept
         for framework, variant, run in runs[r % len(runs):] + runs[:r % len(runs)]:
