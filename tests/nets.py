@@ -96,3 +96,19 @@ def run_in_threads(worker, count: int, timeout: float = 120.0) -> list[BaseExcep
     stuck = [t.name for t in threads if t.is_alive()]
     assert not stuck, f"{len(stuck)} of {count} worker threads still running after {timeout:.0f} s: {stuck}"
     return errors
+
+
+class Cancelling(nn.Module):
+    """Two near-equal Linear layers subtracted: bf16 loses most of the difference (eager autocast ~0.28 of the
+    output's scale, on any input), which is ordinary bf16 error, not a trace that specialised."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(64, 32), nn.Linear(64, 32)
+        with torch.no_grad():
+            self.b.weight.copy_(self.a.weight + 1e-3 * torch.randn_like(self.a.weight))
+            self.b.bias.copy_(self.a.bias)
+
+    def forward(self, x):
+        return self.a(x) - self.b(x)

@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 from cpuboost.backends.openvino import OpenVINOBuildError, build
 
-from nets import run_in_threads
+from nets import Cancelling, run_in_threads
 
 FP32_TOL = 1e-4   # max|diff| / max|eager fp32|, per output tensor
 BF16_TOL = 3e-2
@@ -199,22 +199,6 @@ def test_a_branch_on_the_sign_is_refused():
     (found through a threaded runtime test that got the other branch's answer)."""
     with pytest.raises(OpenVINOBuildError, match="specialised"):
         build(SignBranch().eval(), (torch.ones(2, 4),), {}, torch.float32, lambda _: None)
-
-
-class Cancelling(nn.Module):
-    """Two near-equal Linear layers subtracted: bf16 loses most of the difference (eager autocast ~0.28 of the
-    output's scale, on any input), which is ordinary bf16 error, not a trace that specialised."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.a, self.b = nn.Linear(64, 32), nn.Linear(64, 32)
-        with torch.no_grad():
-            self.b.weight.copy_(self.a.weight + 1e-3 * torch.randn_like(self.a.weight))
-            self.b.bias.copy_(self.a.bias)
-
-    def forward(self, x):
-        return self.a(x) - self.b(x)
 
 
 def test_second_input_judges_bf16_by_eager_autocasts_own_error():
