@@ -192,3 +192,15 @@ def test_int8_keeps_a_static_first_build_for_token_inputs():
     model(**_ids(8))
     first = cpuboost.explain(model).graphs[0]
     assert first.dynamic == "", str(cpuboost.explain(model))
+
+
+def test_with_the_persistent_cache_a_token_models_first_build_is_static_and_kept(tmp_path):
+    """With the cache on, a text model's first graph is static (what the cache keeps, so a restart compiles nothing);
+    with it off, the first graph is dynamic in the sequence dim (one build per family)."""
+    cached = cpuboost.optimize(_tiny_bert(), dtype="bf16", fusion=False, tune_budget=0, cache_dir=str(tmp_path))
+    cached(**_ids(8))
+    assert cpuboost.explain(cached).graphs[0].dynamic == "", str(cpuboost.explain(cached))
+    assert any(tmp_path.rglob("*.json")), "the decision was not kept in the cache"
+    uncached = cpuboost.optimize(_tiny_bert(), dtype="bf16", fusion=False, tune_budget=0, cache_dir="off")
+    uncached(**_ids(8))
+    assert cpuboost.explain(uncached).graphs[0].dynamic == "input_ids:[1], attention_mask:[1]"

@@ -281,8 +281,9 @@ class OptimizedModule(ModelProxy):
             return signature.checked_dims(options.dynamic_dims, shapes)
         if options.shapes == "dynamic":
             return {w: [d for d, size in enumerate(shape) if size > 1] for w, shape in shapes.items()}
-        if family is None:  # token sequences: one dynamic graph from the first build (int8 and IPEX trace static)
-            static_only = options.dtype == torch.int8 or options.backend == "ipex"
+        if family is None:  # token sequences: one dynamic graph from the first build; int8 and IPEX trace static,
+            # and a static first graph is what the persistent cache keeps (AOTInductor: a restart compiles nothing)
+            static_only = options.dtype == torch.int8 or options.backend == "ipex" or self._warm_start().enabled
             return signature.sequence_dims(shapes) if not static_only else {}
         varying = signature.varying_dims(family.first_shapes, shapes)
         merged = {w: sorted(set(family.dims.get(w, [])) | set(varying.get(w, []))) for w in {*family.dims, *varying}}
@@ -309,13 +310,15 @@ class OptimizedModule(ModelProxy):
                 f" (shapes={self._options.shapes!r}); each costs a compile. Pass shapes='auto' (the default) or "
                 "dynamic_dims={'input_name': [dim]} so one dynamic graph serves every size.", stacklevel=4)
 
+    def _warm_start(self):
+        if self._warm is None:  # the persistent side, made on first use (``enabled`` False: cache off or unsafe)
+            from ..persist.warm import WarmStart
+            self.__dict__["_warm"] = WarmStart(self._options, self._plan.names)
+        return self._warm
+
     def _persistent(self, args: tuple, kwargs: dict):
         """This signature's entry in the persistent cache (None when the cache is off)."""
-        from ..persist.warm import WarmStart
-
-        if self._warm is None:
-            self.__dict__["_warm"] = WarmStart(self._options, self._plan.names)
-        if not self._warm.enabled:
+        if not self._warm_start().enabled:
             return None
         try:
             return self._warm.lookup(self._original, args, kwargs)
