@@ -52,7 +52,9 @@ class DecodeStep:
             return self._run_only(*args, **kwargs)
         import torch._inductor.config as inductor_config
 
-        with inductor_config.patch(self._options):
+        from ..backends.inductor import config_lock
+
+        with config_lock(), inductor_config.patch(self._options):  # as every Inductor build: no other compile under it
             return self._compiled(*args, **kwargs)
 
     def timed(self, clock: "CallClock") -> "_Timed":
