@@ -122,7 +122,12 @@ def test_two_processes_multi_cpu_end_with_identical_weights(tmp_path):
     from dist_scripts.runner import launch_cmd, run
 
     out = tmp_path / "ranks.json"
-    done, _ = run(launch_cmd("--nproc-per-node", "2", "--standalone", str(EXAMPLE), "--steps", "4", "--out", str(out)))
+    cmd = launch_cmd("--nproc-per-node", "2", "--standalone", str(EXAMPLE), "--steps", "4", "--out", str(out))
+    done, _ = run(cmd)
+    # A rank of accelerate + gloo sometimes aborts while starting, before any step ("terminate called without an
+    # active exception", not yet traced; about one run in four on 2 busy cores): that start alone is tried again.
+    if done.returncode != 0 and "terminate called without an active exception" in done.stderr and not out.exists():
+        done, _ = run(cmd)
     assert done.returncode == 0, done.stderr[-4000:]
     ranks = json.loads(out.read_text())
     assert [r["rank"] for r in ranks] == [0, 1] and {r["ranks"] for r in ranks} == {2}
