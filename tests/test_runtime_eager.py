@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cpuboost
-from oracle import allowed_error, eager_autocast
+from oracle import allowed_error, eager_autocast, rel_err
 
 from nets import MLP, StackNet, randomize_bn
 
@@ -98,3 +98,23 @@ def test_new_shapes_rebuild_and_stay_correct(shapes):
     assert all(g.verification.startswith(("ok", "is the reference", "size not checked", "eager: the reference"))
                for g in report.graphs), str(report)
     assert all(g.verification.startswith(("ok", "is the reference")) for g in report.graphs[:3]), str(report)
+
+
+@settings(max_examples=6, deadline=None)
+@given(width=st.sampled_from([8, 64]), batch=st.integers(1, 4), eager_wins=st.booleans())
+def test_under_the_callers_autocast_every_call_answers_in_eagers_dtype(width, batch, eager_wins):
+    """Inside the caller's own ``torch.autocast`` (Lightning's bf16-mixed, accelerate's), eager answers in bf16:
+    so does the wrapped model, on the first call and later ones, whether eager itself or a rung serves."""
+    torch.manual_seed(width + batch)
+    net, x = randomize_bn(MLP([width, width, 4])).eval(), torch.randn(batch, width)
+    # a tolerance no bf16 answer meets refuses the passes: eager itself serves
+    model = cpuboost.optimize(net, backend="eager", dtype="bf16", tolerance=0.0 if eager_wins else None)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = net(x).dtype
+        answers = [model(x), model(x)]
+    served = cpuboost.explain(model).graphs[0].path
+    assert served == "eager (original)" if eager_wins else served in ("eager (original)", "eager+passes")
+    assert expected == torch.bfloat16 and [a.dtype for a in answers] == [expected, expected], served
+    with torch.no_grad():
+        plain = net(x)
+    assert all(rel_err(a.float(), plain) <= allowed_error(torch.bfloat16, plain) for a in answers)
