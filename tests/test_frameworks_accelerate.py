@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,13 +126,32 @@ def test_two_processes_multi_cpu_end_with_identical_weights(tmp_path):
     out = tmp_path / "ranks.json"
     cmd = launch_cmd("--nproc-per-node", "2", "--standalone", str(EXAMPLE), "--steps", "4", "--out", str(out))
     done, _ = run(cmd)
-    # A rank of accelerate + gloo sometimes aborts while starting, before any step ("terminate called without an
-    # active exception", not yet traced; about one run in four on 2 busy cores): that start alone is tried again.
-    if done.returncode != 0 and "terminate called without an active exception" in done.stderr and not out.exists():
-        done, _ = run(cmd)
+    # no retry: a rank aborting at exit ("terminate called without an active exception") is cpuboost's to prevent
     assert done.returncode == 0, done.stderr[-4000:]
     ranks = json.loads(out.read_text())
     assert [r["rank"] for r in ranks] == [0, 1] and {r["ranks"] for r in ranks} == {2}
     assert {r["type"] for r in ranks} == {"DistributedType.MULTI_CPU"}
     assert ranks[0]["weights"] == ranks[1]["weights"] and ranks[0]["loss"] != ranks[1]["loss"]
     assert {r["class"] for r in ranks} == {"BertForSequenceClassification"}
+
+
+def test_training_under_a_frameworks_process_group_guards_the_exit(tmp_path):
+    """accelerate (and Lightning's DDP) start gloo themselves: optimizing a model for training in such a process
+    registers the exit hook that lets gloo's threads finish (without it a rank aborts at exit about one 2-rank run
+    in ten), and a process without a group gets none."""
+    script = tmp_path / "group.py"
+    script.write_text(
+        "import sys, torch, cpuboost\n"
+        "from cpuboost.training import gloo_exit\n"
+        "if sys.argv[1] == 'group':\n"
+        "    torch.distributed.init_process_group('gloo', store=torch.distributed.HashStore(), rank=0, world_size=1)\n"
+        "net = torch.nn.Linear(4, 2)\n"
+        "model, opt = cpuboost.optimize(net, torch.optim.SGD(net.parameters(), lr=0.1), dtype='bf16')\n"
+        "model(torch.randn(3, 4)).sum().backward()\n"
+        "print(gloo_exit._registered)\n"
+        "if sys.argv[1] == 'group':\n"
+        "    torch.distributed.destroy_process_group()\n")
+    answers = [subprocess.run([sys.executable, str(script), how], capture_output=True, text=True, timeout=120)
+               for how in ("group", "none")]
+    assert [a.returncode for a in answers] == [0, 0], answers[0].stderr[-2000:] + answers[1].stderr[-2000:]
+    assert [a.stdout.split()[-1] for a in answers] == ["True", "False"]

@@ -16,12 +16,9 @@ model in ``DistributedDataParallel`` *after* cpuboost's optimization, and shards
 """
 from __future__ import annotations
 
-import atexit
 import datetime
-import functools
 import logging
 import os
-import time
 from typing import Any, Iterator, Mapping, Optional
 
 import torch
@@ -33,6 +30,7 @@ from .. import api
 from .errors import (CollectiveTimeoutError, DistributedSetupError, PeerLostError, install_excepthook,
                            rank_logger)
 from ..errors import InvalidOptionError
+from ..training.gloo_exit import let_gloo_threads_finish_at_exit
 from ..options import dtype_name, parse_dtype
 
 __all__ = [
@@ -155,7 +153,7 @@ def init(backend: str = "gloo", timeout: Any = DEFAULT_TIMEOUT_S) -> bool:
     backend, limit = _backend(backend), _timeout(timeout)
     if _dist_ready():  # the user's own group: its timeout is whatever they gave it
         install_excepthook(None)
-        _let_gloo_threads_finish_at_exit()
+        let_gloo_threads_finish_at_exit()
         return torch.distributed.get_world_size() > 1
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
@@ -168,25 +166,8 @@ def init(backend: str = "gloo", timeout: Any = DEFAULT_TIMEOUT_S) -> bool:
         raise DistributedSetupError(msg)
     torch.distributed.init_process_group(backend=backend, timeout=limit)
     install_excepthook(limit.total_seconds())
-    _let_gloo_threads_finish_at_exit()
+    let_gloo_threads_finish_at_exit()
     return torch.distributed.get_world_size() > 1
-
-
-_GIL_RELEASE_AT_EXIT_S = 0.05
-
-
-@functools.cache  # once per process
-def _let_gloo_threads_finish_at_exit() -> None:
-    """Give gloo's worker threads the GIL once more before the interpreter shuts down.
-
-    A gradient all-reduce launched in backward carries a Python object in its thread-local state, and gloo
-    frees the finished work on its own thread, which needs the GIL. When that happens after Python starts
-    finalising, the thread is torn down inside a noexcept destructor and the process aborts ("terminate
-    called without an active exception", exit -6) although training finished (torch 2.13; here in every
-    2-rank test of one CI run, rarely in others). Sleeping in an exit hook releases the GIL
-    while Python can still hand it over, so those frees complete first.
-    """
-    atexit.register(time.sleep, _GIL_RELEASE_AT_EXIT_S)
 
 
 class _EpochSampler(DistributedSampler):

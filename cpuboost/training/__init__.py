@@ -20,6 +20,7 @@ from ..machine import hardware
 from ..errors import ModelModeError, UnsupportedTargetError
 from ..options import Options
 from ..passes import training as train_passes
+from . import gloo_exit
 from ..core.proxy import ModelProxy
 from ..core.registry import PassContext, PassSpec, Plan, plan_here
 from ..core.report import PassRecord, Report
@@ -90,6 +91,7 @@ class TrainingModule(ModelProxy):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self._original.training and not torch.is_grad_enabled():
             return self.inference()(*args, **kwargs)
+        gloo_exit.when_distributed()  # a framework's DDP (accelerate, Lightning) may have started gloo
         if self._compiled is None and self._candidates:
             out = self._first_graph_call(args, kwargs)
             if out is not _NO_GRAPH:
@@ -228,6 +230,7 @@ def prepare_training(model: nn.Module, optimizer, options: Options, plan: Plan):
     """
     check_train_mode(model, optimizer, options)
     check_not_data_parallel(model)
+    gloo_exit.when_distributed()
     hw = hardware.detect()
     report = Report(
         model=type(model).__name__,
