@@ -36,6 +36,8 @@ class BackgroundBuilds:
         build starts; the signature then builds in a daemon thread on private copies of the inputs, under the
         caller's autocast and grad mode (both thread-local, and the autocast state is part of the key)."""
         out = model._eager_original(*args, **kwargs)
+        if self.busy(key):  # already building (or failed): the inputs need no private copy
+            return out
         copies = private_inputs(args, kwargs)
         autocast, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
         grad = torch.is_grad_enabled()
@@ -46,6 +48,11 @@ class BackgroundBuilds:
 
         self.start(key, signature.describe(args, kwargs), build, model._report.note)
         return out
+
+    def busy(self, key: Hashable) -> bool:
+        """A build of ``key`` runs or has failed: calls meanwhile are answered by eager without starting one."""
+        with self.lock:
+            return key in self.running or key in self.failed
 
     def start(self, key: Hashable, sig: str, build: Callable[[], Any], note: Callable[[str], None]) -> None:
         """Starts ``build`` for ``key`` unless one is running or has failed."""
