@@ -272,10 +272,16 @@ def _probe_verdict(ref: torch.Tensor, out: torch.Tensor, own: torch.Tensor | Non
 def _compile(ov_model: Any, dtype: torch.dtype, cache_dir: str | None = None) -> tuple[Any, dict, str]:
     config = {"INFERENCE_PRECISION_HINT": _PRECISION[dtype], "PERFORMANCE_HINT": "LATENCY",
               "INFERENCE_NUM_THREADS": torch.get_num_threads()}
-    if cache_dir:
-        config["CACHE_DIR"] = str(cache_dir)
+    if cache_dir:  # weightless blobs: the IR's .bin holds the weights already (BERT-6L: 0.7 MB, not 266 MB)
+        config.update({"CACHE_DIR": str(cache_dir), "CACHE_MODE": "OPTIMIZE_SIZE"})
     try:
-        compiled = _core().compile_model(ov_model, "CPU", config)
+        try:
+            compiled = _core().compile_model(ov_model, "CPU", config)
+        except Exception:  # an OpenVINO without weightless caching, or a blob it cannot read: no blob then
+            if not cache_dir:
+                raise
+            config = {k: v for k, v in config.items() if k not in ("CACHE_DIR", "CACHE_MODE")}
+            compiled = _core().compile_model(ov_model, "CPU", config)
     except Exception as exc:
         raise OpenVINOBuildError(f"compile failed: {_why(exc)}") from exc
     actual = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
@@ -285,11 +291,12 @@ def _compile(ov_model: Any, dtype: torch.dtype, cache_dir: str | None = None) ->
     return compiled, config, actual
 
 
-def load(xml: Path, args: tuple, kwargs: dict, reference: Any, dtype: torch.dtype) -> Callable[..., Any]:
+def load(xml: Path, args: tuple, kwargs: dict, reference: Any, dtype: torch.dtype,
+         cache_dir: str | None = None) -> Callable[..., Any]:
     """A model ``build(..., save_to=xml)`` wrote, compiled again for this call (no conversion); ``reference``:
-    eager's output for the call, whose structure and dtypes the answers take."""
+    eager's output for the call (or a stand-in of its structure and dtypes), whose form the answers take."""
     ov_model = _core().read_model(str(xml))
-    compiled, _, _ = _compile(ov_model, dtype)
+    compiled, _, _ = _compile(ov_model, dtype, cache_dir)
     out_leaves, out_spec = pytree.tree_flatten(reference)
     weight_bytes = sum(op.get_byte_size() for op in ov_model.get_ops() if op.get_type_name() == "Constant")
     inputs = _Inputs(tuple(args), dict(kwargs))
@@ -301,7 +308,7 @@ def load(xml: Path, args: tuple, kwargs: dict, reference: Any, dtype: torch.dtyp
 def build(model: torch.nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype, note: Callable[[str], None],
           dynamic_dims: dict | None = None, cache_dir: str | None = None,
           via_export: bool = False, probe_tolerance: float | None = None,
-          save_to: Path | None = None) -> Callable[..., Any]:
+          save_to: Path | None = None, keep_model: bool = False) -> Callable[..., Any]:
     """Convert ``model`` for the call ``model(*args, **kwargs)`` and compile it for the CPU in ``dtype``.
 
     The returned callable takes the same arguments and returns eager's output structure and dtypes.
@@ -309,7 +316,8 @@ def build(model: torch.nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype,
     is static. ``via_export``: convert through torch.export (static shapes; int8 q/dq graphs) instead of
     tracing; ``probe_tolerance``: how far the second-input check may always stray from ``model`` (an int8
     graph against its simulated-int8 eager twin rounds differently; otherwise the dtype's rule); ``save_to``: also write the
-    converted model there as OpenVINO IR (``.xml`` + ``.bin``), for ``load``. Raises (first line says why) where a faithful graph cannot be built.
+    converted model there as OpenVINO IR (``.xml`` + ``.bin``), for ``load``; ``keep_model``: the callable holds the converted
+    model as ``ov_model``, to be written as IR only if it wins (``openvino_ir``). Raises (first line says why) where a faithful graph cannot be built.
     """
     if dtype not in _PRECISION:
         raise ValueError(f"OpenVINO backend takes dtype float32, bfloat16 or float16, not {dtype}")
@@ -353,9 +361,11 @@ def build(model: torch.nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype,
     compiled_at = time.perf_counter()
     if save_to is not None:
         ov.save_model(ov_model, str(save_to), compress_to_fp16=False)
-    del ov_model, flat
+    del flat
 
     fn = OpenVINOCallable(compiled, inputs, out_spec, out_leaves, weight_bytes)
+    fn.ov_model = ov_model if keep_model else None
+    del ov_model
     _probe(model, fn, dtype, dynamic_dims, inputs, out_leaves, out_spec, note, probe_tolerance)
     inputs.forget_example()
     tracer = [str(w.message).splitlines()[0] for w in caught if issubclass(w.category, torch.jit.TracerWarning)]

@@ -112,6 +112,9 @@ def climb(stages: list[list[Rung]], args: tuple, kwargs: dict, *, reference: Any
         best = _confirm(best, eager, args, kwargs)
     if best is not None:
         best.record.fate = "served"
+        keep = getattr(best.fn, "keep_cached", None)  # a persistent artifact written only for the graph that serves
+        if callable(keep):
+            keep()
     return best, records
 
 

@@ -13,6 +13,11 @@ def build_openvino(model: nn.Module, args: tuple, kwargs: dict, ctx: PassContext
     """OpenVINO: openvino.convert_model on this input, compile_model with the dtype's precision hint."""
     from ..backends import openvino
 
+    if ctx.artifact_dir is not None:  # the persistent cache is on: IR loaded, or written once this graph serves
+        from ..backends import openvino_ir
+
+        return openvino_ir.build(model, args, kwargs, ctx.options.dtype, ctx.note, ctx.dynamic_dims,
+                                 ctx.artifact_dir)
     return openvino.build(model, args, kwargs, ctx.options.dtype, ctx.note, dynamic_dims=ctx.dynamic_dims)
 
 

@@ -7,6 +7,7 @@ Layout under the root (``CPUBOOST_CACHE_DIR``, ``cache_dir=``, or ``$XDG_CACHE_H
     v1/artifacts/<hash>/<unit>/   one published unit each (``units``): graph.pt2 + graph.json, int8.xml + ...
     v1/locks/<hash>.lock          the cross-process build lock of one artifact key (``units.EntryLock``)
     v1/inductor/                  TORCHINDUCTOR_CACHE_DIR while cpuboost builds (see ``inductor_cache``)
+    v1/openvino/                  OpenVINO's CACHE_DIR (weightless compiled blobs of cached IR)
 
 Contract 10: nothing here is code. Entries are JSON read with ``json.loads``; an entry that does not parse,
 has another format, or whose stored key differs from the one asked for (a foreign or tampered entry) is
@@ -45,6 +46,7 @@ FORMAT = 1
 ENV = "CPUBOOST_CACHE_DIR"
 OFF = ("off", "0", "false", "no", "none", "disabled")
 DEFAULT_MAX_BYTES = 4 << 30  # AOTInductor packages carry their weights: ResNet-50 bf16 is 50 MB, BERT-base 270 MB
+TOOLS = ("inductor", "openvino")  # compilers' own cache folders under the store: bounded, evicted when idle
 
 
 class CacheWarning(UserWarning):
@@ -291,12 +293,13 @@ class DecisionStore:
             yield mtime, size, h
 
     def _inductor_units(self) -> list[tuple[float, int, Path]]:
-        """(last use, bytes, path) of each top-level item of Inductor's cache folder inside the store."""
+        """(last use, bytes, path) of each top-level item of the compilers' cache folders (``TOOLS``)."""
         found = []
-        with contextlib.suppress(OSError):
-            for item in (self.base / "inductor").iterdir():
-                with contextlib.suppress(OSError):
-                    found.append((item.stat().st_mtime, _bytes(item), item))
+        for tool in TOOLS:
+            with contextlib.suppress(OSError):
+                for item in (self.base / tool).iterdir():
+                    with contextlib.suppress(OSError):
+                        found.append((item.stat().st_mtime, _bytes(item), item))
         return found
 
     def _evict(self, h: str) -> bool:
