@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .cache import CachePool, cache_refusal
-from .copies import cast_matmul_weights, math_attention, shared_copy, weight_bytes_per_token
+from .copies import cast_matmul_weights, math_attention, prefill_on, shared_copy, weight_bytes_per_token
 from .decode import BUILDS, CallClock, DecodeStep
 from .judge import judge
 from .route import CallPlan, can_route
@@ -60,6 +60,10 @@ class _Copies:
             else:
                 runner._warn(f"generate: weight-only {kind} not available, the decode runs {runner.act_dtype}: "
                              f"{why}")
+        kinds = {getattr(getattr(m, "config", None), "_attn_implementation", None) for m in (self.static, self.work)}
+        if len(kinds) > 1:
+            prefill_on(self.static, self.work)  # prefill keeps SDPA; one-token steps take math attention
+            note("generate: the prefill runs the model's sdpa attention, decode steps the math attention")
         self.refusal = cache_refusal(original)
         self.bytes_per_token = weight_bytes_per_token(self.decode)
         self.pool = CachePool(self.static)
