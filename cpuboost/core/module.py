@@ -143,7 +143,7 @@ class OptimizedModule(ModelProxy):
             return self._eval_model()(*args, **kwargs)
 
     def _autocast_output(self, dtype: torch.dtype, args: tuple, kwargs: dict) -> Any:
-        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype, cache_enabled=False):  # no cast cache (a bf16 copy of all weights)
             return self._eval_model()(*args, **kwargs)
 
     def _build_and_call(self, key, args: tuple, kwargs: dict) -> Any:
