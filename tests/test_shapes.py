@@ -194,13 +194,19 @@ def test_int8_keeps_a_static_first_build_for_token_inputs():
     assert first.dynamic == "", str(cpuboost.explain(model))
 
 
-def test_with_the_persistent_cache_a_token_models_first_build_is_static_and_kept(tmp_path):
-    """With the cache on, a text model's first graph is static (what the cache keeps, so a restart compiles nothing);
-    with it off, the first graph is dynamic in the sequence dim (one build per family)."""
+def test_with_the_persistent_cache_a_token_models_first_build_is_dynamic_and_its_decision_kept(tmp_path):
+    """With the cache on, as with it off, a text model's first graph is dynamic in the sequence dim: a pipeline's
+    mixed lengths cost one build per family (a static first graph cost a second, dynamic build at the second
+    length). The decision is kept: a restarted model on the same cache builds only the decided rung."""
     cached = cpuboost.optimize(_tiny_bert(), dtype="bf16", fusion=False, tune_budget=0, cache_dir=str(tmp_path))
-    cached(**_ids(8))
-    assert cpuboost.explain(cached).graphs[0].dynamic == "", str(cpuboost.explain(cached))
+    for length in (8, 13, 21):
+        cached(**_ids(length))
+    graphs = cpuboost.explain(cached).graphs
+    assert graphs[0].dynamic == "input_ids:[1], attention_mask:[1]", str(cpuboost.explain(cached))
+    assert all(g.rungs[0].fate.startswith("served (dynamic graph") for g in graphs[1:]), str(cpuboost.explain(cached))
     assert any(tmp_path.rglob("*.json")), "the decision was not kept in the cache"
-    uncached = cpuboost.optimize(_tiny_bert(), dtype="bf16", fusion=False, tune_budget=0, cache_dir="off")
-    uncached(**_ids(8))
-    assert cpuboost.explain(uncached).graphs[0].dynamic == "input_ids:[1], attention_mask:[1]"
+    restarted = cpuboost.optimize(_tiny_bert(), dtype="bf16", fusion=False, tune_budget=0, cache_dir=str(tmp_path))
+    restarted(**_ids(8))
+    report = cpuboost.explain(restarted)
+    assert report.graphs[0].dynamic == "input_ids:[1], attention_mask:[1]", str(report)
+    assert any("decision from the persistent cache" in e for e in report.events), str(report)

@@ -281,9 +281,9 @@ class OptimizedModule(ModelProxy):
             return signature.checked_dims(options.dynamic_dims, shapes)
         if options.shapes == "dynamic":
             return {w: [d for d, size in enumerate(shape) if size > 1] for w, shape in shapes.items()}
-        if family is None:  # token sequences: one dynamic graph from the first build; int8 and IPEX trace static,
-            # and a static first graph is what the persistent cache keeps (AOTInductor: a restart compiles nothing)
-            static_only = options.dtype == torch.int8 or options.backend == "ipex" or self._warm_start().enabled
+        if family is None:  # token sequences: one dynamic graph from the first build (int8 and IPEX trace static),
+            # cache on or off: the decision persists (OpenVINO as dynamic IR); a static first graph cost a 2nd build
+            static_only = options.dtype == torch.int8 or options.backend == "ipex"
             return signature.sequence_dims(shapes) if not static_only else {}
         varying = signature.varying_dims(family.first_shapes, shapes)
         merged = {w: sorted(set(family.dims.get(w, [])) | set(varying.get(w, []))) for w in {*family.dims, *varying}}
