@@ -316,9 +316,10 @@ def build(model: torch.nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype,
     ``dynamic_dims`` ({position or keyword name: [dims]}) leaves those dims dynamic; otherwise every shape
     is static. ``via_export``: convert through torch.export (static shapes; int8 q/dq graphs) instead of
     tracing; ``probe_tolerance``: how far the second-input check may always stray from ``model`` (an int8
-    graph against its simulated-int8 eager twin rounds differently; otherwise the dtype's rule); ``save_to``: also write the
-    converted model there as OpenVINO IR (``.xml`` + ``.bin``), for ``load``; ``keep_model``: the callable holds the converted
-    model as ``ov_model``, to be written as IR only if it wins (``openvino_ir``). Raises (first line says why) where a faithful graph cannot be built.
+    graph against its simulated-int8 eager twin rounds differently; otherwise the dtype's rule); ``save_to``:
+    also write the converted model there as OpenVINO IR (``.xml`` + ``.bin``), for ``load``; ``keep_model``:
+    the callable holds the converted model as ``ov_model``, written as IR only if it serves (``openvino_ir``).
+    Raises (first line says why) where a faithful graph cannot be built.
     """
     if dtype not in _PRECISION:
         raise ValueError(f"OpenVINO backend takes dtype float32, bfloat16 or float16, not {dtype}")
