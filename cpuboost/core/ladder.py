@@ -115,6 +115,8 @@ def climb(stages: list[list[Rung]], args: tuple, kwargs: dict, *, reference: Any
         keep = getattr(best.fn, "keep_cached", None)  # a persistent artifact written only for the graph that serves
         if callable(keep):
             keep()
+    if total:
+        race.release_memory()  # what the builds freed goes back to the system, not only the losers' graphs
     return best, records
 
 
