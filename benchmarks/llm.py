@@ -4,6 +4,18 @@ random weights from a config, tied embeddings, GQA), prompt 128, 32 new tokens, 
     python benchmarks/llm.py                                  # batch 1, every path
     python benchmarks/llm.py --batches 1,4 --paths cpuboost_bf16,cpuboost_int8
     python benchmarks/llm.py --layers 24 --json out.json
+    python benchmarks/llm.py --prompts 128,1024 --paths eager_bf16,openvino_bf16,cpuboost_bf16
+
+optimum-intel rows: optimum-intel pins transformers 5.5.x, so they run in their own environment (torch pinned in
+every pip command: an unpinned torch pulls a CUDA build; PyPI's torchvision, which optimum-intel pulls, is a CUDA
+build that fails to import beside CPU torch, so it goes):
+
+    python3.11 -m venv .venv-ov && echo "torch==2.13.0" > .venv-ov/constraints.txt
+    .venv-ov/bin/pip install -c .venv-ov/constraints.txt torch==2.13.0
+    .venv-ov/bin/pip install -c .venv-ov/constraints.txt "optimum-intel[openvino]" wrapt torchao
+    .venv-ov/bin/pip uninstall -y torchvision
+    .venv-ov/bin/pip install --no-deps -e .
+    .venv-ov/bin/python benchmarks/llm.py --paths eager_bf16,openvino_bf16,openvino_int8,cpuboost_bf16,cpuboost_int8
 
 Paths: eager fp32, eager bf16 weights (a bf16 copy under autocast), a hand-written torch.compile + static cache
 (benchmarks/generate.py's), optimum-intel OVModelForCausalLM bf16 / 8-bit weights (when optimum-intel is
@@ -12,7 +24,12 @@ cpuboost bf16 / int8 / int4 (``cpuboost.optimize(model, dtype=...).generate``).
 Per path: first call (build, compile, verify and race included), time to first token (a max_new_tokens=1
 call), decode ms/token ((full - prefill) / (new - 1)), decode tokens/s (batch / ms per token), bytes of weights
 one decode step reads and the resulting share of this machine's read bandwidth (a plain large-tensor sum),
-and how many greedy tokens equal eager fp32's before the first difference.
+how many greedy tokens equal eager fp32's before the first difference, and the prefill rate: GFLOP/s =
+2 * non-embedding matmul parameters (the LM head left out) * prompt * batch / TTFT (attention's own matmuls
+left out too: a lower bound), beside the measured bf16 matmul peak (best of 5 2048^3 torch.mm on --threads).
+The OpenVINO rows export the model (saved once with save_pretrained to a temporary folder) with
+OVModelForCausalLM(export=True): their first call includes that export; their weight bytes are the IR's matmul
+constants, floats at bf16's 2 bytes (the CPU plugin runs them in bf16), 8-bit weights and their scales as stored.
 """
 from __future__ import annotations
 
@@ -31,7 +48,7 @@ PATHS = "eager_fp32,eager_bf16,hand_compile,openvino_bf16,openvino_int8,cpuboost
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--prompts", default="128", help="comma list of prompt lengths, e.g. 128,1024")
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--batches", default="1")
     p.add_argument("--rounds", type=int, default=2)
@@ -67,6 +84,49 @@ def _read_bandwidth() -> float:
     return x.numel() * 4 / best / 1e9
 
 
+def _matmul_peak() -> float:
+    """GFLOP/s of a 2048^3 bf16 torch.mm on the benchmark's threads, best of 5 after a warm-up: prefill's ceiling."""
+    import torch
+
+    x = torch.randn(2048, 2048).to(torch.bfloat16)
+    x @ x
+    best = min(_timed(lambda: torch.mm(x, x)) for _ in range(5))
+    return 2 * 2048**3 / best / 1e9
+
+
+def _matmul_params(model) -> int:
+    """Parameters of the matmuls every prompt token runs: 2-D weights less the embeddings and the LM head."""
+    skip = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    return sum(p.numel() for p in model.parameters() if p.dim() == 2 and id(p) not in skip)
+
+
+def _openvino_weight_bytes(ov_model) -> int:
+    """Bytes one decode step reads from an OpenVINO model's constants: a constant reached (through the weight
+    decompression chain) only by a Gather is the input embedding and left out; float weights count at bf16's
+    2 bytes (what the CPU plugin runs under INFERENCE_PRECISION_HINT=bf16), 8-bit weights and scales as stored."""
+    passthrough = {"Convert", "Subtract", "Multiply", "Reshape", "Transpose", "Unsqueeze"}
+
+    def only_gathers(node, depth=0) -> bool:
+        consumers = [t.get_node() for out in node.outputs() for t in out.get_target_inputs()]
+        ends = []
+        for c in consumers:
+            kind = c.get_type_name()
+            if kind in passthrough and depth < 6:
+                ends.append(only_gathers(c, depth + 1))
+            else:
+                ends.append(kind == "Gather")
+        return bool(ends) and all(ends)
+
+    total = 0
+    for op in ov_model.get_ops():
+        if op.get_type_name() != "Constant" or op.get_byte_size() < 1024 or only_gathers(op):
+            continue
+        element = op.get_output_element_type(0)
+        size = op.get_byte_size()
+        total += size // element.size * 2 if element.is_real() and element.size > 2 else size
+    return total
+
+
 def _timed(fn: Callable[[], Any]) -> float:
     started = time.perf_counter()
     fn()
@@ -90,7 +150,7 @@ def _weight_bytes(model, matmul_bytes: int) -> int:
     return total + sum(b.numel() * b.element_size() for b in model.buffers() if b.dtype != torch.bool)
 
 
-def _paths(model, names: list[str]) -> dict[str, Callable[[], tuple[Callable, Callable[[], int]]]]:
+def _paths(model, names: list[str], threads: int) -> dict[str, Callable[[], tuple[Callable, Callable[[], int]]]]:
     """name -> build() returning (generate(ids, **kw), bytes of weights per decode step)."""
     import torch
 
@@ -129,16 +189,50 @@ def _paths(model, names: list[str]) -> dict[str, Callable[[], tuple[Callable, Ca
             return generate, weight_bytes
         return build
 
+    saved: list[str] = []  # the model's folder, written once for both OpenVINO rows (outside their timing)
+    if any(n.startswith("openvino") for n in names):
+        try:
+            import optimum.intel  # noqa: F401
+        except ImportError:
+            pass  # each OpenVINO row says so when it builds
+        else:
+            folder = tempfile.mkdtemp(prefix="cpuboost-llm-ov-")
+            model.save_pretrained(folder)
+            model.generation_config.save_pretrained(folder)
+            saved.append(folder)
+
     def openvino(bits):
         def build():
-            from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig  # noqa: F401
-            raise NotImplementedError("OpenVINO path not wired in this run")
+            from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
+
+            quantized = {"quantization_config": OVWeightQuantizationConfig(bits=8)} if bits == 8 else \
+                {"load_in_8bit": False}  # no default 8-bit compression: bf16 weights at run time
+            ov = OVModelForCausalLM.from_pretrained(
+                saved[0], export=True, compile=True, **quantized,
+                ov_config={"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY",
+                           "INFERENCE_NUM_THREADS": str(threads), "CACHE_DIR": ""})
+
+            def generate(ids, **kw):
+                return ov.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+            return generate, lambda: _openvino_weight_bytes(ov.model)
         return build
 
     table = {"eager_fp32": eager(None), "eager_bf16": eager(torch.bfloat16), "hand_compile": hand,
              "openvino_bf16": openvino(16), "openvino_int8": openvino(8), "cpuboost_bf16": ours("bf16"),
              "cpuboost_int8": ours("int8"), "cpuboost_int4": ours("int4")}
     return {n: table[n] for n in names}
+
+
+def _measure(generate, ids, new: int, rounds: int) -> tuple[Any, float, float, float]:
+    """(tokens, first call s, best full-generate ms, best time-to-first-token ms) for one prompt shape."""
+    full = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False}
+    first_token = {"max_new_tokens": 1, "do_sample": False}
+    started = time.perf_counter()
+    tokens = generate(ids, **full)
+    first_call = time.perf_counter() - started
+    total = min(_timed(lambda: generate(ids, **full)) for _ in range(rounds)) * 1e3
+    ttft = min(_timed(lambda: generate(ids, **first_token)) for _ in range(rounds)) * 1e3
+    return tokens, first_call, total, ttft
 
 
 def main() -> None:
@@ -150,54 +244,65 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     model = _qwen2(a.layers)
-    params = sum(p.numel() for p in model.parameters())
-    bandwidth = _read_bandwidth()
-    print(f"Qwen2-0.5B shape, {a.layers} layers, {params / 1e6:.0f}M parameters (tied), prompt {a.prompt} + {a.new} "
-          f"new tokens, {a.threads} threads, torch {torch.__version__}, transformers {transformers.__version__}; "
-          f"read bandwidth {bandwidth:.1f} GB/s; load {open('/proc/loadavg').read().split()[:3]}", flush=True)
+    params, matmul_params = sum(p.numel() for p in model.parameters()), _matmul_params(model)
+    prompts, batches = [int(n) for n in a.prompts.split(",")], [int(b) for b in a.batches.split(",")]
+    bandwidth, peak = _read_bandwidth(), _matmul_peak()
+    print(f"Qwen2-0.5B shape, {a.layers} layers, {params / 1e6:.0f}M parameters (tied, {matmul_params / 1e6:.0f}M in "
+          f"per-token matmuls), prompts {a.prompts} + {a.new} new tokens, {a.threads} threads, torch "
+          f"{torch.__version__}, transformers {transformers.__version__}; read bandwidth {bandwidth:.1f} GB/s, bf16 "
+          f"matmul peak {peak:.0f} GFLOP/s; load {open('/proc/loadavg').read().split()[:3]}", flush=True)
     rows, reference = [], {}
-    for batch in [int(b) for b in a.batches.split(",")]:
-        ids = torch.randint(0, 151936, (batch, a.prompt), generator=torch.Generator().manual_seed(0))
-        full = {"max_new_tokens": a.new, "min_new_tokens": a.new, "do_sample": False}
-        first_token = {"max_new_tokens": 1, "do_sample": False}
-        for name, build in _paths(model, a.paths.split(",")).items():
-            try:
-                started = time.perf_counter()
-                generate, weight_bytes = build()
-                tokens = generate(ids, **full)
-                first_call = time.perf_counter() - started
-            except Exception as exc:  # a path this environment cannot run: say why, go on
-                print(f"{name} batch {batch}: skipped ({type(exc).__name__}: {str(exc)[:160]})", flush=True)
-                continue
-            fulls = [_timed(lambda: generate(ids, **full)) * 1e3 for _ in range(a.rounds)]
-            prefills = [_timed(lambda: generate(ids, **first_token)) * 1e3 for _ in range(a.rounds)]
-            total, ttft = min(fulls), min(prefills)
-            per_token = (total - ttft) / (a.new - 1)
-            nbytes = weight_bytes()
-            gbs = nbytes / (per_token / 1e3) / 1e9
-            reference.setdefault(batch, tokens if name == "eager_fp32" else None)
-            ref = reference.get(batch)
-            agree = "-"
-            if ref is not None:
-                differ = (tokens[:, a.prompt:] != ref[:, a.prompt:]).any(0).nonzero()
-                agree = f"{int(differ[0]) if len(differ) else a.new}/{a.new}"
-            row = {"path": name, "batch": batch, "first_call_s": first_call, "ttft_ms": ttft, "ms_per_token": per_token,
-                   "tokens_per_s": batch * 1e3 / per_token, "weight_mb_per_token": nbytes / 1e6,
-                   "weight_gb_s": gbs, "bandwidth_pct": 100 * gbs / bandwidth, "tokens_equal_fp32": agree,
-                   "load": open("/proc/loadavg").read().split()[0]}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    print("\n| path | batch | decode ms/token | tokens/s | TTFT ms | first call s | MB weights/token | % read bw | "
-          "tokens = fp32 | load |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['path']} | {r['batch']} | {r['ms_per_token']:.1f} | {r['tokens_per_s']:.1f} | "
-              f"{r['ttft_ms']:.0f} | {r['first_call_s']:.0f} | {r['weight_mb_per_token']:.0f} | {r['bandwidth_pct']:.0f}% | "
+    for name, build in _paths(model, a.paths.split(","), a.threads).items():
+        started = time.perf_counter()
+        try:  # built once, then every prompt and batch: a new shape's first call is that shape's build
+            generate, weight_bytes = build()
+        except Exception as exc:  # a path this environment cannot run: say why, go on
+            print(f"{name}: skipped ({type(exc).__name__}: {str(exc)[:160]})", flush=True)
+            continue
+        build_s = time.perf_counter() - started
+        for prompt in prompts:
+            for batch in batches:
+                ids = torch.randint(0, 151936, (batch, prompt), generator=torch.Generator().manual_seed(prompt))
+                try:
+                    tokens, first_call, total, ttft = _measure(generate, ids, a.new, a.rounds)
+                except Exception as exc:
+                    print(f"{name} prompt {prompt} batch {batch}: skipped ({type(exc).__name__}: {str(exc)[:160]})",
+                          flush=True)
+                    continue
+                first_call, build_s = first_call + build_s, 0.0
+                per_token = (total - ttft) / (a.new - 1)
+                nbytes = weight_bytes()
+                gbs = nbytes / (per_token / 1e3) / 1e9
+                prefill = 2 * matmul_params * prompt * batch / (ttft / 1e3) / 1e9
+                if name == "eager_fp32":
+                    reference[prompt, batch] = tokens
+                agree = "-"
+                if (prompt, batch) in reference:
+                    ref = reference[prompt, batch]
+                    differ = (tokens[:, prompt:] != ref[:, prompt:]).any(0).nonzero()
+                    agree = f"{int(differ[0]) if len(differ) else a.new}/{a.new}"
+                row = {"path": name, "prompt": prompt, "batch": batch, "first_call_s": first_call, "ttft_ms": ttft,
+                       "prefill_gflop_s": prefill, "prefill_peak_pct": 100 * prefill / peak,
+                       "ms_per_token": per_token, "tokens_per_s": batch * 1e3 / per_token,
+                       "weight_mb_per_token": nbytes / 1e6, "weight_gb_s": gbs, "bandwidth_pct": 100 * gbs / bandwidth,
+                       "tokens_equal_fp32": agree, "load": open("/proc/loadavg").read().split()[0]}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        del generate, weight_bytes
+    print("\n| path | prompt | batch | decode ms/token | tokens/s | MB weights/token | % read bw | TTFT ms | "
+          "prefill GFLOP/s (% peak) | first call s | tokens = fp32 | load |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in sorted(rows, key=lambda r: (r["prompt"], r["batch"])):
+        print(f"| {r['path']} | {r['prompt']} | {r['batch']} | {r['ms_per_token']:.1f} | {r['tokens_per_s']:.1f} | "
+              f"{r['weight_mb_per_token']:.0f} | {r['bandwidth_pct']:.0f}% | {r['ttft_ms']:.0f} | "
+              f"{r['prefill_gflop_s']:.0f} ({r['prefill_peak_pct']:.0f}%) | {r['first_call_s']:.0f} | "
               f"{r['tokens_equal_fp32']} | {r['load']} |")
-    print(f"\nread bandwidth {bandwidth:.1f} GB/s. reproduce: python benchmarks/llm.py {' '.join(sys.argv[1:])}")
+    print(f"\nread bandwidth {bandwidth:.1f} GB/s, bf16 matmul peak {peak:.0f} GFLOP/s. "
+          f"reproduce: python benchmarks/llm.py {' '.join(sys.argv[1:])}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"rows": rows, "read_bandwidth_gb_s": bandwidth, "command": sys.argv}, f, indent=1)
+            json.dump({"rows": rows, "read_bandwidth_gb_s": bandwidth, "bf16_matmul_peak_gflop_s": peak,
+                       "command": sys.argv}, f, indent=1)
 
 
 if __name__ == "__main__":
