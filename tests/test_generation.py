@@ -197,3 +197,28 @@ def test_bf16_compiled_matches_autocast_and_samples(llama, ids):
     b = runner.generate(ids, max_new_tokens=12, do_sample=True, top_p=0.9)
     assert torch.equal(a, b) and a.shape == (1, PROMPT + 12)
     assert sum("built" in n for n in notes) == 1  # sampling reused the verified graph
+
+
+@pytest.mark.slow
+def test_a_decode_graph_that_won_is_persisted_and_a_restart_skips_the_race(llama, ids, tmp_path):
+    """With a persistent cache, a decode graph that served is written as the key's decision; a new runner on the
+    same cache (a restarted process) still verifies its graph but runs no race, and answers eager's tokens."""
+    from cpuboost.generation.persisted import PersistedDecisions
+    from cpuboost.options import Options
+    from cpuboost.persist.warm import WarmStart
+
+    def runner(notes, race):
+        warm = WarmStart(Options(dtype="fp32", cache_dir=str(tmp_path)), [])
+        assert warm.enabled
+        return GenerationRunner(llama, torch.float32, notes.append, race=race,
+                                persist=PersistedDecisions(warm, llama))
+
+    expected = _eager(llama, ids, max_new_tokens=10, do_sample=False)
+    first, second = [], []
+    assert torch.equal(runner(first, race=False).generate(ids, max_new_tokens=10, do_sample=False), expected)
+    assert any("built in" in n and "not timed (race=False)" in n for n in first), first
+    restarted = runner(second, race=True)
+    assert torch.equal(restarted.generate(ids, max_new_tokens=10, do_sample=False), expected)
+    assert restarted.describe() == {"batch 1, cache 128": "compiled"}, second
+    assert any("decision from the persistent cache (compiled)" in n for n in second), second
+    assert any("won here before: not raced" in n for n in second) and not any("over 8 tokens" in n for n in second)

@@ -24,14 +24,17 @@ def generate_for(optimized: Any, *args: Any, **kwargs: Any) -> Any:
 
 def _new_runner(optimized: Any) -> Any:
     from ..core.freshness import WeightWatch
+    from .persisted import PersistedDecisions
     from .runner import GenerationRunner
 
     if optimized.__dict__.get("_watch") is None:
         optimized.__dict__["_watch"] = WeightWatch(optimized._original)
     options = optimized._options
     dtype = options.amp_dtype or (options.dtype if options.dtype in _WEIGHT_ONLY else torch.float32)
+    warm = optimized._warm_start()
+    persist = PersistedDecisions(warm, optimized._original) if warm.enabled else None
     return GenerationRunner(optimized._original, dtype, optimized._report.note,
-                            compile=options.fusion and options.backend in ("auto", "native"))
+                            compile=options.fusion and options.backend in ("auto", "native"), persist=persist)
 
 
 _WEIGHT_ONLY = (torch.int8, getattr(torch, "int4", torch.int8))

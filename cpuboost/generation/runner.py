@@ -20,6 +20,7 @@ from torch import nn
 from .cache import CachePool, cache_refusal
 from .copies import cast_matmul_weights, math_attention, prefill_on, shared_copy, weight_bytes_per_token
 from .decode import BUILDS, CallClock, DecodeStep
+from .persisted import PersistedDecisions
 from .judge import judge
 from .route import CallPlan, can_route
 from .weights import fake_quantized, quantize_matmul_weights, unavailable
@@ -86,8 +87,10 @@ class GenerationRunner:
     def __init__(self, original: nn.Module, dtype: torch.dtype = torch.bfloat16,
                  note: Optional[Callable[[str], None]] = None, *, max_cache_len: Optional[int] = None,
                  compile: bool = True, race: bool = True,
-                 build_lock: Optional[contextlib.AbstractContextManager] = None) -> None:
+                 build_lock: Optional[contextlib.AbstractContextManager] = None,
+                 persist: Optional["PersistedDecisions"] = None) -> None:
         self._original = original
+        self._persist = persist  # decode decisions and Inductor's caches in cpuboost's persistent store
         self._build_lock = build_lock or contextlib.nullcontext()  # optional: the caller's per-model build lock
         self.dtype = dtype
         self.act_dtype = torch.bfloat16 if dtype in _QUANTIZED else dtype
@@ -158,10 +161,26 @@ class GenerationRunner:
             key_lock = copies.key_locks.setdefault(key, threading.Lock())
         with key_lock:
             if key not in copies.steps:
-                copies.steps[key] = self._build(copies, call, bucket) if self._compile else "compile=False"
+                copies.steps[key] = self._persisted_build(copies, call, bucket) if self._compile else "compile=False"
             return copies.steps[key]
 
-    def _build(self, copies: _Copies, call: CallPlan, bucket: int) -> Any:
+    def _persisted_build(self, copies: _Copies, call: CallPlan, bucket: int) -> Any:
+        """``_build`` inside this key's persistent entry: its lock (another process building the same key is
+        waited for), Inductor's caches in the store, and a graph that won here before skips the race (it is
+        still verified). Only wins are written: a refusal measured on a busy machine is not made permanent."""
+        found = self._persist.lookup(call.batch, bucket, self._note) if self._persist is not None else None
+        if found is None:
+            return self._build(copies, call, bucket)
+        won_before = (found.decision or {}).get("rung") == "compiled"
+        with found.building():  # releases the entry's lock if the build raises
+            step = self._build(copies, call, bucket, race=not won_before)
+        if isinstance(step, DecodeStep):
+            self._persist.remember(found)
+        else:
+            found.release()
+        return step
+
+    def _build(self, copies: _Copies, call: CallPlan, bucket: int, race: bool = True) -> Any:
         """Compile, verify and time the decode graph for this key on this call's prompt; else the reason."""
         started, probe, where = time.perf_counter(), call.probe(PROBE_STEPS), f"batch {call.batch}, cache {bucket}"
         ref, yard = self._eager_fp32(copies, **probe), None
@@ -189,7 +208,7 @@ class GenerationRunner:
         if not ok:
             return self._refuse(where, f"failed verification: {verdict}")
         step.built = True
-        faster, timing = self._race(copies, step, bucket, probe)
+        faster, timing = self._race(copies, step, bucket, probe) if race else (True, "won here before: not raced")
         if not faster:
             return self._refuse(where, f"measured slower than eager fp32 ({timing})")
         earlier = f" (after {'; '.join(failures)})" if failures else ""
