@@ -143,9 +143,13 @@ def test_a_dynamic_graph_is_kept_with_its_dims(tmp_path):
     again = _optimize(tmp_path, dynamic_dims={0: [0]})
     again(x)
     assert LOADED in _notes(again) and CONVERTED not in _notes(again), _notes(again)
+    assert "compiled blob written to" in _notes(again), _notes(again)
     y = torch.randn(48, 4096)
     out = again(y)
     record = cpuboost.explain(again).graphs[-1]
     assert record.path == "openvino" and "dynamic graph" in record.rungs[0].fate, record.rungs
     with torch.no_grad():
         torch.testing.assert_close(out, Pointwise().eval()(y), rtol=1e-4, atol=1e-5)
+    third = _optimize(tmp_path, dynamic_dims={0: [0]})
+    third(x)
+    assert "compiled blob reused from" in _notes(third), _notes(third)  # OpenVINO's CACHE_DIR hit
