@@ -66,7 +66,8 @@ def child(model_name: str, dtype: str, cache: str) -> None:
     print(json.dumps({"first_s": first, "path": report.graphs[-1].path,
                       "error": ((got.float() - ref).abs().max() / ref.abs().max()).item(),
                       "converted": "OpenVINO convert" in notes, "loaded_ir": "OpenVINO IR, no conversion" in notes,
-                      "refused": next((n for n in notes.split("; ") if "IR unusable" in n), "")}))
+                      "refused": next((n for n in notes.split("; ") if "IR unusable" in n), ""),
+                      "blob": "reused" if "blob reused" in notes else "written" if "blob written" in notes else "-"}))
 
 
 def _run(model: str, dtype: str, cache: Path) -> dict:
@@ -114,13 +115,13 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"$ python benchmarks/openvino_warm.py --model {args.model} --dtype {args.dtype} --rounds {args.rounds}")
-    print(f"{'scenario':<10} {'first call':>10} {'rounds':>18}  path      converted  IR   rel err   loadavg")
+    print(f"{'scenario':<10} {'first call':>10} {'rounds':>18}  path      converted  IR    blob     rel err  loadavg")
     best = {s: min(r["first_s"] for r in runs) for s, runs in results.items()}
     for name, runs in [("cold", [cold]), *results.items()]:
         r = min(runs, key=lambda r: r["first_s"])
         rounds = " ".join(f"{x['first_s']:.2f}" for x in runs)
         print(f"{name:<10} {r['first_s']:>9.2f}s {rounds:>18}  {r['path']:<9} {str(r['converted']):<10} "
-              f"{str(r['loaded_ir']):<4} {r['error']:.1e}  {r.get('load', '')}")
+              f"{str(r['loaded_ir']):<5} {r['blob']:<8} {r['error']:.1e}  {r.get('load', '')}")
         if r["refused"]:
             print(f"           {r['refused']}")
     print(f"reconvert / ir: {best['reconvert'] / best['ir']:.2f}x   reconvert / ir+blob: "
