@@ -97,7 +97,7 @@ def test_a_damaged_ir_is_refused_and_converted_again(tmp_path):
     assert LOADED in _notes(third), _notes(third)  # the republished unit checks out
 
 
-def test_an_ir_answering_wrong_is_removed(tmp_path, caplog):
+def test_an_ir_answering_wrong_is_removed(tmp_path):
     """A whole, well-formed IR unit of another model's weights under this key loads, fails verification
     against eager, and is removed; eager answers."""
     x = torch.randn(64, 4096)
@@ -116,8 +116,7 @@ def test_an_ir_answering_wrong_is_removed(tmp_path, caplog):
     with torch.no_grad():
         torch.testing.assert_close(out, other(x), rtol=1e-4, atol=1e-5)
     rung = next(r for r in cpuboost.explain(model).graphs[-1].rungs if r.name == "openvino fp32")
-    assert rung.fate.startswith("rejected"), rung.fate
-    assert any("openvino_fp32 failed verification; removed" in r.getMessage() for r in caplog.records)
+    assert rung.fate.startswith("rejected"), rung.fate  # only the planted graph answers wrong: it was loaded
     assert not planted.exists()
 
 
