@@ -16,7 +16,7 @@ import cpuboost
 
 pytest.importorskip("openvino")
 
-from test_warm_start import Pointwise  # noqa: E402
+from test_warm_start import Pointwise, other_weights_entry  # noqa: E402
 
 CONVERTED = "OpenVINO convert"  # the note every conversion writes: its absence means no conversion ran
 LOADED = "loaded from the persistent cache (OpenVINO IR, no conversion)"
@@ -102,15 +102,8 @@ def test_an_ir_answering_wrong_is_removed(tmp_path):
     against eager, and is removed; eager answers."""
     x = torch.randn(64, 4096)
     _optimize(tmp_path)(x)
-    other = Pointwise().eval()
-    with torch.no_grad():
-        other.scale.fill_(1.5)  # other weights: another artifact key, the same decision key
-    model = cpuboost.optimize(other, dtype="fp32", backend="openvino", cache_dir=str(tmp_path))
-    from cpuboost.persist.warm import WarmStart
-
-    found = WarmStart(model._options, model._plan.names).lookup(other, (x,), {})
-    found.release()
-    planted = found.artifact_dir / "openvino_fp32"
+    other, model, folder = other_weights_entry(tmp_path, x, "openvino")
+    planted = folder / "openvino_fp32"
     shutil.copytree(_units(tmp_path)[0], planted)
     out = model(x)
     with torch.no_grad():

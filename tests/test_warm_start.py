@@ -147,6 +147,20 @@ def test_warm_start_calls_eager_once(tmp_path, dtype):
     assert report.graphs[-1].path == "inductor" and report.graphs[-1].verification.startswith("ok")
 
 
+def other_weights_entry(cache, x, backend):
+    """A Pointwise with other weights (another artifact key, the same decision key), optimized on ``cache``,
+    and its entry's artifact folder for ``x``: where a test plants a unit that answers wrong."""
+    other = Pointwise().eval()
+    with torch.no_grad():
+        other.scale.fill_(1.5)
+    model = cpuboost.optimize(other, dtype="fp32", backend=backend, cache_dir=str(cache))
+    from cpuboost.persist.warm import WarmStart
+
+    found = WarmStart(model._options, model._plan.names).lookup(other, (x,), {})
+    found.release()
+    return other, model, found.artifact_dir
+
+
 def test_cached_graph_failing_verification_is_removed(tmp_path):
     """A cached graph that loads but answers wrong (here: another model's graph under this key) is rejected,
     removed from the cache, and the answer is eager's; the next warm start does not load it again."""
@@ -154,15 +168,8 @@ def test_cached_graph_failing_verification_is_removed(tmp_path):
     first = cpuboost.optimize(Pointwise().eval(), dtype="fp32", backend="native", cache_dir=str(tmp_path))
     first(x)
     assert cpuboost.explain(first).graphs[-1].path == "inductor", str(cpuboost.explain(first))
-    other = Pointwise().eval()
-    with torch.no_grad():
-        other.scale.fill_(1.5)  # other weights: another artifact key, the same decision key
-    model = cpuboost.optimize(other, dtype="fp32", backend="native", cache_dir=str(tmp_path))
-    from cpuboost.persist.warm import WarmStart
-
-    found = WarmStart(model._options, model._plan.names).lookup(other, (x,), {})
-    found.release()
-    unit = found.artifact_dir / "graph"
+    other, model, folder = other_weights_entry(tmp_path, x, "native")
+    unit = folder / "graph"
     source = next(p for p in (tmp_path / "v1" / "artifacts").glob("*/graph") if p != unit)
     shutil.copytree(source, unit)  # a whole, well-formed unit with matching digests: only its answers are wrong
     out = model(x)
