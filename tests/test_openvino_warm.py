@@ -145,3 +145,19 @@ def test_a_dynamic_graph_is_kept_with_its_dims(tmp_path):
     third = _optimize(tmp_path, dynamic_dims={0: [0]})
     third(x)
     assert "compiled blob reused from" in _notes(third), _notes(third)  # OpenVINO's CACHE_DIR hit
+
+
+def test_openvino_blobs_count_toward_the_bound_and_are_trimmed(tmp_path):
+    """OpenVINO's CACHE_DIR is the store's ``openvino`` folder (found from an artifact folder): its blobs count
+    in the store's size and go when ``trim`` needs room and no build runs; outside a store there is none."""
+    from cpuboost.backends.openvino_ir import blob_dir
+    from cpuboost.persist.store import DecisionStore
+
+    store = DecisionStore(tmp_path)
+    key = {"model": "m", "signature": "s"}
+    folder = store.artifact_dir(key)
+    blobs = blob_dir(folder)
+    assert blobs == tmp_path / "v1" / "openvino" and blob_dir(tmp_path / "elsewhere" / "x") is None
+    (blobs / "123.blob").write_bytes(b"\0" * 30_000)
+    assert store.info()["bytes"] >= 30_000
+    assert store.trim(1000) >= 30_000 and not (blobs / "123.blob").exists()
