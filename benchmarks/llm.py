@@ -12,7 +12,7 @@ build that fails to import beside CPU torch, so it goes):
 
     python3.11 -m venv .venv-ov && echo "torch==2.13.0" > .venv-ov/constraints.txt
     .venv-ov/bin/pip install -c .venv-ov/constraints.txt torch==2.13.0
-    .venv-ov/bin/pip install -c .venv-ov/constraints.txt "optimum-intel[openvino]" wrapt torchao
+    .venv-ov/bin/pip install -c .venv-ov/constraints.txt "optimum-intel[openvino]" wrapt torchao==0.18.0
     .venv-ov/bin/pip uninstall -y torchvision
     .venv-ov/bin/pip install --no-deps -e .
     .venv-ov/bin/python benchmarks/llm.py --paths eager_bf16,openvino_bf16,openvino_int8,cpuboost_bf16,cpuboost_int8
@@ -21,7 +21,8 @@ Paths: eager fp32, eager bf16 weights (a bf16 copy under autocast), a hand-writt
 (benchmarks/generate.py's), optimum-intel OVModelForCausalLM bf16 / 8-bit weights (when optimum-intel is
 installed: it pins transformers 5.5.x, so it usually lives in another environment; skipped with the reason),
 cpuboost bf16 / int8 / int4 (``cpuboost.optimize(model, dtype=...).generate``).
-Per path: first call (build, compile, verify and race included), time to first token (a max_new_tokens=1
+Per path and prompt/batch shape: first call (the path's build on its first shape, then each shape's own
+compiles, verification and race), time to first token (a max_new_tokens=1
 call), decode ms/token ((full - prefill) / (new - 1)), decode tokens/s (batch / ms per token), bytes of weights
 one decode step reads and the resulting share of this machine's read bandwidth (a plain large-tensor sum),
 how many greedy tokens equal eager fp32's before the first difference, and the prefill rate: GFLOP/s =
