@@ -210,3 +210,29 @@ def test_with_the_persistent_cache_a_token_models_first_build_is_dynamic_and_its
     report = cpuboost.explain(restarted)
     assert report.graphs[0].dynamic == "input_ids:[1], attention_mask:[1]", str(report)
     assert any("decision from the persistent cache" in e for e in report.events), str(report)
+
+
+class _SlowEagerBert(transformers.BertModel):
+    """Sleeps 10 ms when called eagerly, not in the graph OpenVINO traces: that graph always wins its race."""
+
+    def forward(self, *args, **kwargs):
+        if not torch.jit.is_tracing():
+            time.sleep(0.01)
+        return super().forward(*args, **kwargs)
+
+
+def test_a_batched_token_models_smaller_last_batch_is_served_by_the_first_graph():
+    """Batches of token inputs (a pipeline's batch_size=3 over 8 texts: 3, 3, then 2): the first graph is
+    dynamic in the batch dim too, so the smaller last batch is served by it, not by a second build."""
+    net = _SlowEagerBert(_tiny_bert().config).eval()
+    model = cpuboost.optimize(net, dtype="fp32", backend="openvino", tune_budget=0)
+    for length, batch in ((8, 3), (12, 3), (10, 2)):
+        inputs = _ids(length, batch)
+        with torch.no_grad():
+            expected = net(**inputs).last_hidden_state
+        torch.testing.assert_close(model(**inputs).last_hidden_state, expected, rtol=1e-4, atol=1e-4)
+    report = cpuboost.explain(model)
+    assert report.graphs[0].path == "openvino", str(report)  # eager would serve any size: proves nothing
+    assert report.graphs[0].dynamic == "input_ids:[0, 1], attention_mask:[0, 1]", str(report)
+    assert [g.rungs[0].fate.startswith("served (dynamic graph") for g in report.graphs] == [False, True, True], \
+        str(report)

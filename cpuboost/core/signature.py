@@ -91,8 +91,11 @@ SEQUENCE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_id
 def sequence_dims(shapes: dict[Any, tuple[int, ...]]) -> dict[Any, list[int]]:
     """Dim 1 of the inputs whose names say they are token sequences (transformers' names), where it is longer
     than 1: a text model meets a new length almost every call, so its first graph is built dynamic in that dim
-    and one build serves the family (instead of a static build, then a dynamic one at the second length)."""
-    return {w: [1] for w, shape in shapes.items() if w in SEQUENCE_INPUTS and len(shape) == 2 and shape[1] > 1}
+    and one build serves the family (instead of a static build, then a dynamic one at the second length).
+    Dim 0 too when it is a batch of more than one: a batched pipeline's or loader's last batch is smaller
+    (BERT-base pipeline, batch 8: that tail batch cost a second build)."""
+    return {w: [d for d in (0, 1) if shape[d] > 1] for w, shape in shapes.items()
+            if w in SEQUENCE_INPUTS and len(shape) == 2 and shape[1] > 1}
 
 
 def checked_dims(declared: dict, shapes: dict) -> dict:
