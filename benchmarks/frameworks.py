@@ -187,6 +187,8 @@ def run_trainer(kind: str, ns, variant: str, folder: Path) -> StepClock:
                                    data_collator=collate, callbacks=[Clock()], **parts)
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # the clock keeps the loss
     trainer.train()
+    if variant.startswith("cpuboost"):
+        print(f"  cpuboost {variant} applied: {', '.join(cpuboost.explain(parts['model']).applied)}", flush=True)
     _reset_accelerate()
     return clock
 
@@ -258,12 +260,18 @@ def bench_training(kind: str, ns, folder: Path) -> list[tuple]:
     clocks: dict[tuple[str, str], list[StepClock]] = {(f, v): [] for f, v, _ in runs}
     for r in range(ns.repeat):  # each repeat in a rotated order; the best rate of each is kept
         for framework, variant, run in runs[r % len(runs):] + runs[:r % len(runs)]:
-            clock = run()
+            try:
+                clock = run()
+            except Exception as exc:  # one variant failing (a compile) leaves the others' numbers
+                print(f"  {framework} {variant}: failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                continue
             clocks[(framework, variant)].append(clock)
             print(f"  {framework} {variant}: {clock.rate():.3f} steps/s (warm-up {clock.warmup_seconds():.1f} s), "
                   f"loss {clock.loss:.3f}", flush=True)
     rows = []
     for (framework, variant), done in clocks.items():
+        if not done:
+            continue
         top = max(done, key=StepClock.rate)
         rows.append((f"{framework} train", variant, top.warmup_seconds(), top.rate(), f"loss {top.loss:.3f}"))
     return rows
