@@ -80,6 +80,7 @@ def climb(stages: list[list[Rung]], args: tuple, kwargs: dict, *, reference: Any
     best: Optional[Winner] = None
     won_at = 0.0  # the budget counts from the first winner: the first build, however slow, never uses it up
     total = sum(len(stage) for stage in stages)
+    compiled_tried = False
     with progress(total, signature) as bar:
         for stage in stages:
             if best is not None and best.rung.compiled:
@@ -94,6 +95,7 @@ def climb(stages: list[list[Rung]], args: tuple, kwargs: dict, *, reference: Any
                     bar.end(rung.name, "skipped (budget)")
                     continue
                 bar.start(rung.name, signature)
+                compiled_tried = compiled_tried or rung.compiled
                 candidate = _try(rung, args, kwargs, reference, yardstick, eager, tolerance, verify_outputs,
                                  warm if warm and rung.name == decided else None)
                 records.append(candidate if isinstance(candidate, RungRecord) else candidate.record)
@@ -105,8 +107,10 @@ def climb(stages: list[list[Rung]], args: tuple, kwargs: dict, *, reference: Any
                         best, candidate = candidate, best
                     if candidate is not None:
                         candidate.record.fate = f"verified but slower than {best.rung.name}{candidate.versus}"
+                        compiled_loser = candidate.rung.compiled
                         del candidate
-                        race.release_memory()  # a loser's graph goes before the next rung is built
+                        if compiled_loser:
+                            race.release_memory()  # a loser's graph goes before the next rung is built
                 bar.end(rung.name, records[-1].fate)
     if best is not None and not (warm and best.rung.name == decided):
         best = _confirm(best, eager, args, kwargs)
@@ -115,8 +119,10 @@ def climb(stages: list[list[Rung]], args: tuple, kwargs: dict, *, reference: Any
         keep = getattr(best.fn, "keep_cached", None)  # a persistent artifact written only for the graph that serves
         if callable(keep):
             keep()
-    if total:
-        race.release_memory()  # what the builds freed goes back to the system, not only the losers' graphs
+    if compiled_tried:
+        # what the compiles freed goes back to the system, not only the losers' graphs; an eager-only ladder
+        # frees little and would pay a full gc per new signature (0.5 s in a large process)
+        race.release_memory()
     return best, records
 
 
