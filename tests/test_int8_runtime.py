@@ -192,6 +192,29 @@ def test_openvino_int8_graph_is_kept_as_ir_and_loaded_without_quantizing(tmp_pat
     assert any("quantize" in n for n in notes), notes
 
 
+@pytest.mark.slow
+def test_openvino_int8_warm_load_compiles_through_the_stores_blob_folder(tmp_path):
+    """Inside a store's artifacts folder the warm load hands OpenVINO the store's CACHE_DIR (as the fp32/bf16
+    IR does): the compiled blob is written there, and the report says where it came from."""
+    pytest.importorskip("openvino")
+    from cpuboost.backends.int8 import via_openvino
+    from cpuboost.persist import store
+
+    folder = tmp_path / f"v{store.FORMAT}" / "artifacts" / "signature"
+    folder.mkdir(parents=True)
+    net, x = conv_net(), torch.randn(2, 3, 16, 16)
+    calibration = [(torch.randn(2, 3, 16, 16),) for _ in range(2)]
+    notes: list[str] = []
+    first = via_openvino.build(net, (x,), {}, calibration, notes.append, artifact_dir=folder)
+    notes.clear()
+    second = via_openvino.build(net, (x,), {}, calibration, notes.append, artifact_dir=folder)
+    blobs = tmp_path / f"v{store.FORMAT}" / "openvino"
+    assert any(f"compiled blob written to {blobs}" in n or f"compiled blob reused from {blobs}" in n
+               for n in notes), notes
+    assert list(blobs.glob("*.blob")), "OpenVINO's CACHE_DIR holds no compiled blob"
+    torch.testing.assert_close(second(x), first(x), rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------ no compiler
 
 

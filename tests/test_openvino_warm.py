@@ -161,3 +161,31 @@ def test_openvino_blobs_count_toward_the_bound_and_are_trimmed(tmp_path):
     (blobs / "123.blob").write_bytes(b"\0" * 30_000)
     assert store.info()["bytes"] >= 30_000
     assert store.trim(1000) >= 30_000 and not (blobs / "123.blob").exists()
+
+
+def test_the_fp32_escape_of_a_bf16_plan_keeps_its_openvino_ir_in_its_own_folder(tmp_path):
+    """A bf16 plan's fp32 OpenVINO rung gets a folder of its own (it writes only once it serves), so a warm
+    start loads that winner too; Inductor's fp32 rung gets none (its package compiles while it builds); the
+    IR kept there is loaded without converting, and its blobs go to the store's one OpenVINO folder."""
+    from cpuboost.backends import openvino_ir
+    from cpuboost.core import ladder
+    from cpuboost.persist.store import DecisionStore
+
+    store = DecisionStore(tmp_path)
+    folder = store.artifact_dir({"model": "m", "signature": "s"})
+    escape = ladder.artifact_dir(folder, torch.float32, torch.bfloat16, "openvino")
+    assert escape == folder / "fp32"
+    assert ladder.artifact_dir(folder, torch.float32, torch.bfloat16, "inductor") is None
+    assert ladder.artifact_dir(folder, torch.bfloat16, torch.bfloat16, "inductor") == folder
+    assert ladder.artifact_dir(folder, torch.bfloat16, torch.int8, "inductor") == folder / "bf16"
+    assert openvino_ir.blob_dir(escape) == tmp_path / "v1" / "openvino"
+
+    net, x, notes = Pointwise().eval(), torch.randn(8, 256), []
+    first = openvino_ir.build(net, (x,), {}, torch.float32, notes.append, None, escape)
+    out = first(x)
+    first.keep_cached()
+    assert (escape / "openvino_fp32" / "graph.xml").exists(), notes
+    notes.clear()
+    second = openvino_ir.build(net, (x,), {}, torch.float32, notes.append, None, escape)
+    assert any(n.startswith(LOADED) for n in notes) and not any(CONVERTED in n for n in notes), notes
+    torch.testing.assert_close(second(x), out, rtol=1e-5, atol=1e-5)

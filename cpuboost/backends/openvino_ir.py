@@ -95,12 +95,13 @@ def _load(unit: Path, args: tuple, kwargs: dict, dtype: torch.dtype, dynamic_dim
         log.warning("cpuboost cache: %s unusable (%s); removed, converting again", unit, exc)
         units.discard(unit)
         return None
-    note(LOADED + (f", OpenVINO's compiled blob {_blob(fn)} {blobs}" if blobs is not None else ""))
+    note(LOADED + (f", OpenVINO's compiled blob {blob_state(fn)} {blobs}" if blobs is not None else ""))
     fn.forget_cached = functools.partial(_forget, unit)  # failed verification: not loaded again
     return fn
 
 
-def _blob(fn: openvino.OpenVINOCallable) -> str:
+def blob_state(fn: openvino.OpenVINOCallable) -> str:
+    """Whether OpenVINO read the compiled blob from its CACHE_DIR or wrote it there, for the report."""
     try:
         return "reused from" if fn.compiled.get_property("LOADED_FROM_CACHE") else "written to"
     except Exception:  # noqa: BLE001 - an OpenVINO that does not say

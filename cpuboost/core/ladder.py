@@ -179,9 +179,18 @@ def _try(rung: Rung, args: tuple, kwargs: dict, reference: Any, yardstick: Calla
     return Winner(rung, fn, out, verdict, seconds, ms, eager_ms, max(race.resident_mb() - before, 0.0), record)
 
 
-def artifact_dir(folder, dtype: torch.dtype, planned: torch.dtype):
+# Rungs that write their artifact only once they serve (OpenVINO IR): a folder for every dtype costs nothing
+# until one wins. The others (AOTInductor) compile their package while building, so the fp32 stage of a
+# low-precision plan runs without a folder rather than paying a package for each rung that then loses.
+_KEPT_ONLY_WHEN_SERVED = frozenset({"openvino"})
+
+
+def artifact_dir(folder, dtype: torch.dtype, planned: torch.dtype, rung: str = ""):
     """Where a rung keeps its persistent artifact: the signature's folder for the planned dtype; a subfolder
-    for the bf16 rungs an int8 plan races (int8 keeps its own graph in the folder itself)."""
+    for the bf16 rungs an int8 plan races (int8 keeps its own graph in the folder itself), and for the fp32
+    escape of a rung that writes only when it serves (a warm start then loads that winner as well)."""
     if folder is None or dtype == planned:
         return folder
-    return folder / dtype_name(dtype) if planned == torch.int8 and dtype != torch.float32 else None
+    if planned == torch.int8 and dtype != torch.float32 or rung in _KEPT_ONLY_WHEN_SERVED:
+        return folder / dtype_name(dtype)
+    return None

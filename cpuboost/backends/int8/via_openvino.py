@@ -32,6 +32,7 @@ GRAPH = "openvino_int8"  # the unit folder, holding openvino_int8.xml/.bin (IR) 
 def _load_cached(folder: Path, model: nn.Module, args: tuple, kwargs: dict, precision: torch.dtype,
                  note: Callable[[str], None]) -> Callable | None:
     from .. import openvino
+    from ..openvino_ir import blob_dir, blob_state
 
     unit = folder / GRAPH
     sidecar, xml = unit / f"{GRAPH}.json", unit / f"{GRAPH}.xml"
@@ -43,11 +44,13 @@ def _load_cached(folder: Path, model: nn.Module, args: tuple, kwargs: dict, prec
         measured = record["int8_accuracy"]
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
             reference = model(*args, **kwargs)  # the answers' structure and dtypes
-        runner = openvino.load(xml, args, kwargs, reference, precision)
+        blobs = blob_dir(folder)  # OpenVINO's compiled blob too: a warm start then reads no model
+        runner = openvino.load(xml, args, kwargs, reference, precision, str(blobs) if blobs is not None else None)
     except Exception as exc:  # noqa: BLE001 - a damaged entry is rebuilt, never a failed call
         note(f"int8: cached OpenVINO graph unusable ({type(exc).__name__}: {str(exc)[:120]}); built again")
         return None
-    note("int8 OpenVINO graph loaded from the persistent cache (IR: no calibration, no conversion)")
+    note("int8 OpenVINO graph loaded from the persistent cache (IR: no calibration, no conversion)"
+         + (f", OpenVINO's compiled blob {blob_state(runner)} {blobs}" if blobs is not None else ""))
     runner.forget_cached = lambda: units.discard(unit)  # failed verification here: not loaded again
     runner.accuracy_summary = (f"int8 static (OpenVINO) vs eager fp32 at build, on {measured.get('inputs', 1)} "
                                f"input(s): {describe(measured)}")
