@@ -1,6 +1,6 @@
 """Many input lengths, the way a server or a notebook calls a text model: total time and graphs built per path.
 
-    python benchmarks/shapes.py [--layers 4] [--lengths 16,24,...] [--unseen 20,44,...] [--dtype bf16]
+    python benchmarks/shapes.py [--layers 4] [--lengths 16,24,...] [--unseen 20,44,...] [--dtype bf16] [--cache-on]
 
 A BERT-style encoder (transformers BertModel from a config, random weights) is called once per length, first
 with 12 lengths none of the paths has seen, then with later lengths never seen before. Per path: the total
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import tempfile
 import time
 
 import torch
@@ -32,7 +33,7 @@ def _inputs(length: int) -> dict:
             "attention_mask": torch.ones(1, length, dtype=torch.long)}
 
 
-def _paths(model: torch.nn.Module, dtype: str) -> dict:
+def _paths(model: torch.nn.Module, dtype: str, cache_on: bool = False) -> dict:
     low = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
 
     def hand(compiled):
@@ -50,6 +51,10 @@ def _paths(model: torch.nn.Module, dtype: str) -> dict:
     except ImportError:
         pass
     paths[f"cpuboost {dtype}"] = cpuboost.optimize(copy.deepcopy(model), dtype=dtype, cache_dir="off")
+    if cache_on:  # what a user gets by default: the persistent cache on (a fresh folder: cold builds)
+        folder = tempfile.mkdtemp(prefix="cpuboost-shapes-")
+        paths[f"cpuboost {dtype} (cache on)"] = cpuboost.optimize(copy.deepcopy(model), dtype=dtype,
+                                                                  cache_dir=folder)
     return paths
 
 
@@ -82,12 +87,14 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     parser.add_argument("--unseen", default=",".join(map(str, UNSEEN)))
+    parser.add_argument("--cache-on", action="store_true",
+                        help="also cpuboost with the persistent cache on (a fresh folder), as users get by default")
     args = parser.parse_args()
     lengths, unseen = [int(n) for n in args.lengths.split(",")], [int(n) for n in args.unseen.split(",")]
     torch.manual_seed(0)
     config = transformers.BertConfig(num_hidden_layers=args.layers)
     model = transformers.BertModel(config).eval()
-    paths = _paths(model, args.dtype)
+    paths = _paths(model, args.dtype, args.cache_on)
     print(f"# python benchmarks/shapes.py --layers {args.layers} --dtype {args.dtype}   (torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {_load():.1f})")
     rows = []

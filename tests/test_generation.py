@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from cpuboost.generation import GenerationLengthError, GenerationRunner, can_route
+from cpuboost.generation.cache import layer_states
 from cpuboost.errors import CpuBoostError
 
 transformers = pytest.importorskip("transformers")
@@ -150,12 +151,17 @@ def test_fp32_compiled_greedy_tokens_identical_to_eager(llama, ids):
     assert torch.equal(out, _eager(llama, ids, max_new_tokens=24, do_sample=False)), notes
     assert runner.describe() == {"batch 1, cache 128": "compiled"}, notes
     longer = torch.cat([ids, ids], dim=1)  # another prompt length, same cache bucket: same graph
-    prefills = []  # the prefill runs the SDPA copy (one call, the whole prompt); decode steps the math graph
-    hook = runner._copies.work.model.layers[0].self_attn.register_forward_hook(
-        lambda module, args, kwargs, out: prefills.append(kwargs["hidden_states"].shape[1]), with_kwargs=True)
+    prefills, spans = [], []  # the prefill runs the SDPA copy (one call, the whole prompt); decode the math graph
+
+    def seen(module, args, kwargs, out):
+        prefills.append(kwargs["hidden_states"].shape[1])
+        cache = next(kwargs[k] for k in ("cache", "past_key_values", "past_key_value") if kwargs.get(k) is not None)
+        spans.append(layer_states(cache)[0][0].shape[-2])  # the positions its keys are laid out for
+    hook = runner._copies.work.model.layers[0].self_attn.register_forward_hook(seen, with_kwargs=True)
     out2 = runner.generate(longer, max_new_tokens=16, do_sample=False)
     hook.remove()
     assert prefills == [2 * PROMPT] and runner._copies.static.config._attn_implementation == "eager"
+    assert spans == [2 * PROMPT]  # its attention spans the prompt, not the 128-long bucket
     assert torch.equal(out2, _eager(llama, longer, max_new_tokens=16, do_sample=False))
     assert len(runner.describe()) == 1 and sum("built" in n for n in notes) == 1
     assert _untouched(llama, before)

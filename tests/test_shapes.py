@@ -236,3 +236,30 @@ def test_a_batched_token_models_smaller_last_batch_is_served_by_the_first_graph(
     assert report.graphs[0].dynamic == "input_ids:[0, 1], attention_mask:[0, 1]", str(report)
     assert [g.rungs[0].fate.startswith("served (dynamic graph") for g in report.graphs] == [False, True, True], \
         str(report)
+
+
+@pytest.mark.slow
+def test_a_dynamic_build_leaves_the_callers_tensors_unmarked_for_other_compiled_graphs():
+    """The dynamic build marks an alias of the input, never the caller's tensor: a marked tensor fails the
+    guards of every graph compiled on it unmarked, so the same batch passed on to the user's own compiled
+    function (or another optimized model) recompiled it, or had a verified graph refused."""
+    compiles = []
+
+    def counting(gm, example_inputs):
+        compiles.append(len(example_inputs))
+        return gm.forward
+
+    other = _tiny_bert()
+    users_own = torch.compile(lambda **kw: other(**kw).last_hidden_state, backend=counting, dynamic=False)
+    inputs = _ids(12)
+    with torch.no_grad():
+        users_own(**inputs)
+    assert len(compiles) == 1
+    model = cpuboost.optimize(_tiny_bert(), dtype="fp32", backend="native", tune_budget=0, cache_dir="off",
+                              dynamic_dims={"input_ids": [1], "attention_mask": [1]})
+    model(**inputs)
+    assert cpuboost.explain(model).graphs[0].path == "inductor", str(cpuboost.explain(model))
+    assert not any(hasattr(t, "_dynamo_dynamic_indices") for t in inputs.values())
+    with torch.no_grad():
+        users_own(**inputs)
+    assert len(compiles) == 1  # served by its graph: no recompile

@@ -24,14 +24,24 @@ class RecompileRefused(RuntimeError):
     """The compiled graph's guards rejected a call; the runtime treats it as a new signature."""
 
 
-def _mark_dynamic(args: tuple, kwargs: dict, dynamic_dims: DynamicDims) -> None:
+def _marked_dynamic(args: tuple, kwargs: dict, dynamic_dims: DynamicDims) -> tuple[tuple, dict]:
+    """``args``/``kwargs`` with each tensor of ``dynamic_dims`` replaced by an alias (``detach()``: same
+    storage, a new tensor object) marked dynamic. ``mark_dynamic`` writes onto the tensor, and a marked tensor
+    fails every compiled graph's guards that saw it unmarked ("_has_dynamo_dim_marking is present on runtime
+    tensor"): marking the caller's own tensor made the next model it was passed to (another cpuboost graph, or
+    the user's torch.compile) refuse or recompile."""
     if not dynamic_dims:
-        return
+        return args, kwargs
+    args, kwargs = list(args), dict(kwargs)
     for where, dims in dynamic_dims.items():
-        value = kwargs.get(where) if isinstance(where, str) else args[where]
+        holder, key = (kwargs, where) if isinstance(where, str) else (args, where)
+        value = holder.get(key) if holder is kwargs else (holder[key] if key < len(holder) else None)
         if isinstance(value, torch.Tensor):
+            alias = value.detach()
             for dim in dims:
-                torch._dynamo.mark_dynamic(value, dim)
+                torch._dynamo.mark_dynamic(alias, dim)
+            holder[key] = alias
+    return tuple(args), kwargs
 
 
 def serve_only(compiled: nn.Module) -> Callable:
@@ -103,7 +113,7 @@ def compile_now(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype,
 
     compiled = torch.compile(fresh_runner(model, dtype), backend="inductor",
                              dynamic=None if dynamic_dims else False)
-    _mark_dynamic(args, kwargs, dynamic_dims)
+    args, kwargs = _marked_dynamic(args, kwargs, dynamic_dims)
     with config_lock(), inductor_config.patch(freezing=True, cpp_wrapper=cpp_wrapper), \
             dynamo_config.patch(recompile_limit=64), torch.no_grad():
         compiled(*args, **kwargs)

@@ -84,10 +84,44 @@ def prefill_on(static: nn.Module, prefill: nn.Module) -> None:
         if tokens is None and args:
             tokens = args[0]
         if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 and tokens.shape[1] > 1:
-            return prefill.forward(*args, **kwargs)
+            return _prefill_exact(prefill, tokens, args, kwargs)
         return decode(static, *args, **kwargs)
 
     static.forward = forward
+
+
+def _prefill_exact(prefill: nn.Module, tokens: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+    """The prefill on a cache exactly as long as the prompt, then copied into the bucket's cache, so its
+    attention spans the prompt, not the bucket. A first prefill (whole prompt, positions from 0) only; any
+    other call, or a cache that is not a plain StaticCache, runs as given."""
+    from transformers import StaticCache
+
+    from .cache import fill, prompt_sized
+
+    name = "cache" if "cache" in kwargs else "past_key_values"  # transformers 5.2x / earlier
+    bucket, position = kwargs.get(name), kwargs.get("cache_position")
+    fresh = position is None or (isinstance(position, torch.Tensor) and position.numel() > 0 and int(position[0]) == 0)
+    if type(bucket) is not StaticCache or not fresh:
+        return prefill.forward(*args, **kwargs)
+    length = tokens.shape[1]
+    exact = prompt_sized(prefill, length, tokens.shape[0])
+    mask = _keys_cut(kwargs.get("attention_mask"), length)
+    out = prefill.forward(*args, **{**kwargs, name: exact, "attention_mask": mask})
+    fill(bucket, exact)
+    for field in ("past_key_values", "cache"):  # generate() carries the returned cache to the decode steps
+        if getattr(out, field, None) is exact:
+            setattr(out, field, bucket)
+    return out
+
+
+def _keys_cut(mask: Any, length: int) -> Any:
+    """A 4-d mask generate() laid out for the bucket (5.x: one per attention type, in a dict) cut to the
+    prompt's keys: the positions past the prompt are masked in it anyway. 2-d masks pass as they are."""
+    if isinstance(mask, dict):
+        return {k: _keys_cut(v, length) for k, v in mask.items()}
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] > length:
+        return mask[..., :length]
+    return mask
 
 
 def weight_bytes_per_token(model: nn.Module) -> int:
