@@ -34,13 +34,12 @@ def _marked_dynamic(args: tuple, kwargs: dict, dynamic_dims: DynamicDims) -> tup
         return args, kwargs
     args, kwargs = list(args), dict(kwargs)
     for where, dims in dynamic_dims.items():
-        holder, key = (kwargs, where) if isinstance(where, str) else (args, where)
-        value = holder.get(key) if holder is kwargs else (holder[key] if key < len(holder) else None)
+        holder = kwargs if isinstance(where, str) else args
+        value = holder.get(where) if holder is kwargs else holder[where]
         if isinstance(value, torch.Tensor):
-            alias = value.detach()
+            holder[where] = value.detach()
             for dim in dims:
-                torch._dynamo.mark_dynamic(alias, dim)
-            holder[key] = alias
+                torch._dynamo.mark_dynamic(holder[where], dim)
     return tuple(args), kwargs
 
 

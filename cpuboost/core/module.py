@@ -357,8 +357,7 @@ class OptimizedModule(ModelProxy):
                     opts = dataclasses.replace(options, dtype=dtype,
                                                calibration=options.calibration if dtype == torch.int8 else None)
                     ctx = PassContext(opts, self._hardware, plan.mode, None, args, kwargs, dynamic_dims=dims or None,
-                                      artifact_dir=ladder.artifact_dir(artifact_dir, dtype, options.dtype,
-                                                                       spec.name))
+                                      artifact_dir=ladder.artifact_dir(artifact_dir, dtype, options.dtype, spec.name))
                     stage.append(ladder.Rung(f"{spec.name} {dtype_name(dtype)}", spec.name, dtype,
                                              lambda spec=spec, ctx=ctx: spec.fn(work, args, kwargs, ctx), ctx.notes))
                 if dtype in (torch.bfloat16, torch.float16) or (

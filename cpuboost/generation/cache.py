@@ -95,14 +95,6 @@ def layer_states(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(zip(cache.key_cache, cache.value_cache))
 
 
-def prompt_sized(model: nn.Module, tokens: int, batch: int) -> Any:
-    """A StaticCache exactly ``tokens`` long for the prefill. The bucket's cache is longer than the prompt,
-    and attention runs over its whole length under a mask: prompt 1024 in the 2048 bucket spent twice the
-    attention FLOPs (TTFT 1601 ms against eager bf16's 1435 on the Qwen2 shape). ``fill`` then writes the
-    prompt's keys and values into the bucket's cache (same dtype: both laid out from this model's tensors)."""
-    return new_static_cache(model, batch, tokens)
-
-
 def fill(target: Any, source: Any) -> None:
     """Write ``source``'s keys and values (positions 0..n-1) into ``target`` through its public ``update``,
     which lays out 5.x's lazy layers and works the same in 4.51."""
