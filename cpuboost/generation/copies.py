@@ -70,10 +70,11 @@ def math_attention(model: nn.Module) -> Optional[str]:
     return f"the decode copy runs {config._attn_implementation} attention (the model's is sdpa)"
 
 
-def prefill_on(static: nn.Module, prefill: nn.Module) -> None:
+def prefill_on(static: nn.Module, prefill: nn.Module, cache_arg: str) -> None:
     """Calls of ``static`` with more than one new token (the prefill) run ``prefill``'s forward: the same tensors
     with the model's own SDPA attention, which beats the math attention the decode graph fuses once the query
-    is long (1.27x at prompt 128 here). One-token calls (the decode graph traces these) keep ``static``'s own."""
+    is long (1.27x at prompt 128 here). One-token calls (the decode graph traces these) keep ``static``'s own.
+    ``cache_arg``: the name this transformers passes the KV cache under."""
     decode = type(static).forward
 
     @functools.wraps(decode.__get__(static))  # transformers reads forward's signature (logits_to_keep, kwargs)
@@ -84,13 +85,13 @@ def prefill_on(static: nn.Module, prefill: nn.Module) -> None:
         if tokens is None and args:
             tokens = args[0]
         if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 and tokens.shape[1] > 1:
-            return _prefill_exact(prefill, tokens, args, kwargs)
+            return _prefill_exact(prefill, tokens, cache_arg, args, kwargs)
         return decode(static, *args, **kwargs)
 
     static.forward = forward
 
 
-def _prefill_exact(prefill: nn.Module, tokens: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+def _prefill_exact(prefill: nn.Module, tokens: torch.Tensor, name: str, args: tuple, kwargs: dict) -> Any:
     """The prefill on a StaticCache exactly as long as the prompt, whose keys and values then go into the
     bucket's cache (same dtype: both laid out from this model's tensors). On the bucket's cache the prompt's
     attention ran over the whole bucket under a mask: prompt 1024 in the 2048 bucket spent twice the attention
@@ -100,7 +101,6 @@ def _prefill_exact(prefill: nn.Module, tokens: torch.Tensor, args: tuple, kwargs
 
     from .cache import fill, new_static_cache
 
-    name = "cache" if "cache" in kwargs else "past_key_values"  # transformers 5.2x / earlier
     bucket, position = kwargs.get(name), kwargs.get("cache_position")
     fresh = position is None or (isinstance(position, torch.Tensor) and position.numel() > 0 and int(position[0]) == 0)
     if type(bucket) is not StaticCache or not fresh:

@@ -61,16 +61,16 @@ class _Copies:
             else:
                 runner._warn(f"generate: weight-only {kind} not available, the decode runs {runner.act_dtype}: "
                              f"{why}")
+        # transformers 5.2x renamed generate's past_key_values to cache (the old name warns)
+        forward = inspect.signature(type(original).forward).parameters
+        self.cache_arg = "cache" if "cache" in forward else "past_key_values"
         kinds = {getattr(getattr(m, "config", None), "_attn_implementation", None) for m in (self.static, self.work)}
         if len(kinds) > 1:
-            prefill_on(self.static, self.work)  # prefill keeps SDPA; one-token steps take math attention
+            prefill_on(self.static, self.work, self.cache_arg)  # prefill keeps SDPA; decode takes math attention
             note("generate: the prefill runs the model's sdpa attention, decode steps the math attention")
         self.refusal = cache_refusal(original)
         self.bytes_per_token = weight_bytes_per_token(self.decode)
         self.pool = CachePool(self.static)
-        # transformers 5.2x renamed generate's past_key_values to cache (the old name warns)
-        forward = inspect.signature(type(original).forward).parameters
-        self.cache_arg = "cache" if "cache" in forward else "past_key_values"
         self.steps: dict[tuple[int, int], Any] = {}  # (batch, bucket) -> DecodeStep, or why it runs eagerly
         self.key_locks: dict[tuple[int, int], threading.Lock] = {}
         # transformers asks these two on every generate(); the answers point at this thread's decode graph.
