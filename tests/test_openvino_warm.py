@@ -127,16 +127,20 @@ def test_a_rung_that_does_not_serve_writes_no_ir(tmp_path):
 
 
 def test_a_dynamic_graph_is_kept_with_its_dims(tmp_path):
-    """dynamic_dims graphs persist too (IR keeps -1 dims); the restarted graph serves another size."""
-    x = torch.randn(64, 4096)
-    _optimize(tmp_path, dynamic_dims={0: [0]})(x)
+    """dynamic_dims graphs persist too (IR keeps -1 dims); the restarted graph serves another size. 256 rows:
+    at 64 a dynamic OpenVINO graph's per-call shape work can lose the race to eager on a CPU with large caches
+    (CI saw no IR written), and only a served graph is kept."""
+    x = torch.randn(256, 4096)
+    first = _optimize(tmp_path, dynamic_dims={0: [0]})
+    first(x)
+    assert cpuboost.explain(first).graphs[-1].path == "openvino", str(cpuboost.explain(first))
     [unit] = _units(tmp_path)
     assert json.loads((unit / "graph.json").read_text())["dynamic_dims"] == {"0": [0]}
     again = _optimize(tmp_path, dynamic_dims={0: [0]})
     again(x)
     assert LOADED in _notes(again) and CONVERTED not in _notes(again), _notes(again)
     assert "compiled blob written to" in _notes(again), _notes(again)
-    y = torch.randn(48, 4096)
+    y = torch.randn(192, 4096)
     out = again(y)
     record = cpuboost.explain(again).graphs[-1]
     assert record.path == "openvino" and "dynamic graph" in record.rungs[0].fate, record.rungs
