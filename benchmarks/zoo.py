@@ -25,7 +25,8 @@ OpenVINO.
 
 Nothing is downloaded: every model is built from a config written here, with random weights that are
 re-drawn so outputs are not trivial (BatchNorm running statistics, norm scales and biases included).
-Inductor's on-disk cache is a fresh temporary folder per model, so build times are cold builds; the one-time
+Inductor's on-disk cache and cpuboost's persistent cache are fresh temporary folders per model, so build times
+are cold builds and every path is raced by the code under test (not decided by an earlier run); the one-time
 Inductor start-up of a process is paid by a tiny warm-up compile before any path is built.
 """
 from __future__ import annotations
@@ -667,7 +668,9 @@ def run_child(name: str, args: argparse.Namespace) -> dict:
         out = os.path.join(tmp, "result.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--json", out, "--repeat", str(args.repeat),
                "--dtypes", args.dtypes, "--skip", args.skip]
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"), PYTHONWARNINGS="ignore")
+        # cpuboost's persistent cache too: a decision kept by an earlier run (or older code) would skip the race
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"), PYTHONWARNINGS="ignore",
+                   CPUBOOST_CACHE_DIR=os.path.join(tmp, "cpuboost"))
         if args.omp_wait != "inherit":
             env["OMP_WAIT_POLICY"] = args.omp_wait.upper()
         log_path = os.path.join(tmp, "stderr.log")

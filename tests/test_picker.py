@@ -240,3 +240,28 @@ def test_openvino_is_refused_for_training():
     net = nn.Linear(2, 2)
     with pytest.raises(BackendUnavailableError, match="inference only"):
         cpuboost.optimize(net, torch.optim.SGD(net.parameters(), lr=0.1), backend="openvino")
+
+
+class _PoolSwitch:
+    """A graph whose first call after another graph's is slow (as a runtime's thread pool is while the other
+    runtime's threads still spin), and whose calls in a row take ``steady_ms``."""
+
+    last = None
+
+    def __init__(self, steady_ms: float) -> None:
+        self.steady_ms = steady_ms
+
+    def __call__(self) -> None:
+        switched = type(self).last is not self
+        type(self).last = self
+        time.sleep((self.steady_ms + (8.0 if switched else 0.0)) / 1e3)
+
+
+def test_side_by_side_times_each_graph_settled_not_right_after_the_other():
+    """head_to_head's timed calls each follow a call of the same graph: the faster graph in a loop (4 ms
+    against 8 ms) wins by its own speed, not by how much the other's threads slow its first call."""
+    from cpuboost.core import race
+
+    fast, slow = _PoolSwitch(4.0), _PoolSwitch(8.0)
+    fast_ms, slow_ms = race.head_to_head(fast, slow, (), {})
+    assert fast_ms < 7.0 and slow_ms >= 8.0 and fast_ms < slow_ms, (fast_ms, slow_ms)
