@@ -102,8 +102,9 @@ def test_save_and_load_round_trip(tmp_path):
     x = torch.randn(1, 3, 16, 16)
     model = cpuboost.optimize(net, dtype="fp32", fusion=False)
     model(x)
-    assert cpuboost.explain(model).graphs[-1].path == "eager (original)"
-    with pytest.warns(PackagedPathWarning, match=r"served by eager .*Inductor fp32 graph"):
+    # eager serves, as it is or with channels_last (the two race within noise on this small conv net)
+    assert cpuboost.explain(model).graphs[-1].path in ("eager (original)", "eager+passes"), str(cpuboost.explain(model))
+    with pytest.warns(PackagedPathWarning, match=r"served by eager.*Inductor fp32 graph"):
         path = cpuboost.save(model, tmp_path / "pkg")
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["graphs"] and "needs" in json.dumps(manifest)

@@ -12,11 +12,12 @@ def build_inductor(model: nn.Module, args: tuple, kwargs: dict, ctx: PassContext
     """torch.compile(Inductor) with freezing, compiled now for this input signature."""
     from ..backends import inductor
 
-    if ctx.artifact_dir is not None and not ctx.dynamic_dims:
+    if ctx.artifact_dir is not None:  # compiled in a child process: its compile's memory goes with it
         from ..persist import warm as persist
 
         try:
-            return persist.inductor_artifact(model, args, kwargs, ctx.options.dtype, ctx.artifact_dir, ctx.note)
+            return persist.inductor_artifact(model, args, kwargs, ctx.options.dtype, ctx.artifact_dir, ctx.note,
+                                             dynamic_dims=ctx.dynamic_dims)
         except Exception as exc:  # a model torch.export cannot take: torch.compile, not persisted
             ctx.note(f"not persisted (AOTInductor: {type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
     return inductor.build(model, args, kwargs, ctx.options.dtype, ctx.note, dynamic_dims=ctx.dynamic_dims)

@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from . import child, trust, units
+from . import child, dims, trust, units
 from .errors import PackageFormatError, PackageMismatchError, UnsafeLocationError
 from .keys import machine_fingerprint
 from .treespec import _classes, _collect_tensor_specs, _rebuild, _strip_strides, describe_tree
@@ -158,7 +158,8 @@ def check_requirements(needs: dict) -> None:
 
 def compile_aoti(module: nn.Module, args: tuple, kwargs: dict, dtype: Union[str, torch.dtype], *,
                  workdir: Union[str, os.PathLike, None] = None, name: str = "graph", march: Optional[str] = None,
-                 reference: Any = None, extra_meta: Optional[dict] = None) -> tuple["PackagedGraph", Path]:
+                 reference: Any = None, extra_meta: Optional[dict] = None,
+                 dynamic_dims: dims.DynamicDims = None) -> tuple["PackagedGraph", Path]:
     """Export ``module`` for this signature, compile it with AOTInductor (freezing) and load it.
 
     Returns the loaded graph (a callable answering in eager's output structure and dtypes) and the path of
@@ -168,11 +169,14 @@ def compile_aoti(module: nn.Module, args: tuple, kwargs: dict, dtype: Union[str,
     (only its dtypes are used here). ``extra_meta``: more sidecar fields (an int8 graph records its scheme,
     and ``clone_inputs``: its kernels write into a float input, so every call passes copies). Raises
     whatever torch.export or Inductor raise: a model that does not export (data-dependent Python control
-    flow) falls back to torch.compile in the caller.
+    flow) falls back to torch.compile in the caller. ``dynamic_dims`` (input -> dims): one graph for every size
+    of those dims that export keeps symbolic; they and their ranges are recorded, and a call outside them raises.
     """
     dtype = _dtype(dtype)
     leaves: list = []
     in_spec = describe_tree((tuple(args), dict(kwargs)), leaves, inputs=True)
+    wanted = dims.leaf_dims(tuple(args), dict(kwargs), dynamic_dims)
+    leaves = [t.contiguous() if i in wanted else t for i, t in enumerate(leaves)]  # a dynamic input runs contiguous
     if reference is None:
         with _eval_mode(module):
             reference = _eager(module, args, kwargs, torch.float32)
@@ -185,7 +189,9 @@ def compile_aoti(module: nn.Module, args: tuple, kwargs: dict, dtype: Union[str,
     started = time.perf_counter()
 
     with torch.no_grad(), _eval_mode(module):  # freezing applies only without grad
-        exported = torch.export.export(flat, tuple(leaves), strict=False)
+        exported = torch.export.export(flat, tuple(leaves), strict=False,
+                                       dynamic_shapes=dims.export_shapes(leaves, wanted) if wanted else None)
+        ranges = dims.exported_ranges(exported) if wanted else {}
         exported_s = time.perf_counter() - started
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".pt2")
         os.close(fd)
@@ -213,6 +219,8 @@ def compile_aoti(module: nn.Module, args: tuple, kwargs: dict, dtype: Union[str,
             "output": out_spec, "needs": requirements(march), "bytes": final.stat().st_size,
             "files": {final.name: {"sha256": units.sha256_file(final), "bytes": final.stat().st_size}},
             "export_s": round(exported_s, 2), "compile_s": round(time.perf_counter() - started, 2), **(extra_meta or {})}
+    if wanted:  # what was asked (a warm start compares it) and what export kept symbolic (every call is checked)
+        meta.update(dynamic_request={str(w): list(d) for w, d in dynamic_dims.items()}, dynamic=ranges)
     _drop_inductor_copy(final)
     units.atomic_write(folder / f"{name}.json", json.dumps(meta, indent=1).encode())
     log.info("cpuboost: AOTInductor graph %s in %.1f s (export %.1f s)", final, meta["compile_s"], exported_s)
@@ -258,6 +266,7 @@ class PackagedGraph:
         except (KeyError, TypeError, AttributeError) as exc:
             raise PackageFormatError(f"the record of {self.path} is damaged ({type(exc).__name__}: {exc})") from exc
         self._clone_inputs = bool(meta.get("clone_inputs"))
+        self._ranges = meta.get("dynamic") or {}
         try:
             # The C++ loader straight away: aoti_load_package would import torch._inductor (seconds) only to
             # wrap it in pytree specs we do not use (ours are JSON, above).
@@ -275,9 +284,13 @@ class PackagedGraph:
     def _flat_inputs(self, args: tuple, kwargs: dict) -> list:
         leaves: list = []
         describe_tree((tuple(args), dict(kwargs)), leaves, inputs=True)
+        if self._ranges:
+            dims.check_call(leaves, self._tensor_specs, self._ranges)
         flat = []
-        for t, spec in zip(leaves, self._tensor_specs):
-            if list(t.stride()) != spec["stride"] and t.numel() > 1:
+        for i, (t, spec) in enumerate(zip(leaves, self._tensor_specs)):
+            if str(i) in self._ranges:
+                t = t.contiguous()  # compiled for contiguous inputs of any size in range
+            elif list(t.stride()) != spec["stride"] and t.numel() > 1:
                 t = torch.empty_strided(t.shape, spec["stride"], dtype=t.dtype).copy_(t)
             elif self._clone_inputs and t.is_floating_point():
                 t = t.clone()  # int8 kernels' fused ``sum`` writes into its residual input: never the caller's

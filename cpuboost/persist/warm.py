@@ -132,15 +132,19 @@ class WarmStart:
 
 
 def inductor_artifact(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype, folder: Path,
-                      note) -> Any:
-    """The Inductor rung through AOTInductor, persisted as the unit ``folder/graph``: loaded when it is there
-    and checks out (no compile), else exported and compiled in a staging folder and published whole. A graph
-    that then fails verification is removed by the ladder (``PackagedGraph.forget_cached``). Raises when
-    export fails (the caller compiles instead)."""
+                      note, dynamic_dims: Optional[dict] = None) -> Any:
+    """The Inductor rung through AOTInductor, persisted as the unit ``folder/graph``: loaded when it is there,
+    checks out and was built for the same ``dynamic_dims`` (no compile), else exported and compiled in a
+    child process, in a staging folder, and published whole. A graph that then fails verification is removed
+    by the ladder (``PackagedGraph.forget_cached``). Raises when export fails (the caller compiles instead)."""
     unit = folder / "graph"
+    request = {str(w): list(d) for w, d in (dynamic_dims or {}).items()}
     if (unit / "graph.pt2").exists():
         try:
             graph = package.load_graph(unit / "graph.pt2", root=folder)
+            if (graph.meta.get("dynamic_request") or {}) != request:
+                raise package.PackageFormatError(f"built for dynamic dims {graph.meta.get('dynamic_request')}, "
+                                                 f"this build asks for {request or 'none'}")
             graph.cache_unit = unit
             note("loaded from the persistent cache (AOTInductor package, no compile)")
             return graph
@@ -149,13 +153,15 @@ def inductor_artifact(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.
             note(f"cached graph unusable ({exc}); compiled again")
     staging = units.stage(unit)
     try:
-        graph, _ = package.compile_aoti(model, args, kwargs, dtype, workdir=staging)
+        graph, _ = package.compile_aoti(model, args, kwargs, dtype, workdir=staging, dynamic_dims=dynamic_dims)
         units.publish(staging, unit)
     except BaseException:
         units.discard(staging)
         raise
     graph.path, graph.cache_unit = unit / "graph.pt2", unit
-    note("AOTInductor package (export + freezing), kept in the persistent cache")
+    dynamic = graph.meta.get("dynamic")
+    note("AOTInductor package (export + freezing, compiled in a child process), kept in the persistent cache"
+         + (f"; dynamic dims (flat input: dim [range]) {dynamic}" if dynamic else ""))
     return graph
 
 

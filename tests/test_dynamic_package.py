@@ -1,0 +1,73 @@
+"""A token model's first graph, dynamic in its sequence (and batch) dims, compiled as an AOTInductor package in a
+child process and kept in the persistent cache: the process does not hold the compile's memory, a later model
+loads it without compiling, and a size outside what export kept symbolic is refused, never run."""
+import pytest
+import torch
+
+import cpuboost
+from cpuboost.persist import dims, package
+
+transformers = pytest.importorskip("transformers")
+
+from test_shapes import _ids, _tiny_bert  # noqa: E402
+
+TOKEN_DIMS = {"input_ids": [0, 1], "attention_mask": [0, 1]}
+
+
+def _inductor_notes(model):
+    return next(p.detail for p in cpuboost.explain(model).passes if p.name == "inductor")
+
+
+def _eager(net, inputs):
+    with torch.no_grad():
+        return net(**inputs).last_hidden_state
+
+
+@pytest.mark.slow
+def test_a_dynamic_first_graph_is_packaged_in_a_child_kept_and_loaded_for_every_size(tmp_path):
+    net = _tiny_bert()
+    first = cpuboost.optimize(net, dtype="fp32", backend="native", tune_budget=0, cache_dir=str(tmp_path))
+    torch.testing.assert_close(first(**_ids(12, 2)).last_hidden_state, _eager(net, _ids(12, 2)),
+                               rtol=1e-4, atol=1e-5)
+    record = cpuboost.explain(first).graphs[0]
+    assert record.path == "inductor" and record.dynamic == "input_ids:[0, 1], attention_mask:[0, 1]", \
+        str(cpuboost.explain(first))
+    assert "compiled in a child process" in _inductor_notes(first), _inductor_notes(first)
+    [unit] = list((tmp_path / "v1" / "artifacts").glob("*/graph"))
+
+    again = cpuboost.optimize(net, dtype="fp32", backend="native", tune_budget=0, cache_dir=str(tmp_path))
+    for length, batch in ((12, 2), (31, 3), (5, 2)):
+        torch.testing.assert_close(again(**_ids(length, batch)).last_hidden_state, _eager(net, _ids(length, batch)),
+                                   rtol=1e-4, atol=1e-5)
+    assert "loaded from the persistent cache (AOTInductor package, no compile)" in _inductor_notes(again)
+    fates = [g.rungs[0].fate for g in cpuboost.explain(again).graphs]
+    assert fates[0] == "served" and all(f.startswith("served (dynamic graph") for f in fates[1:]), fates
+
+    graph = package.load_graph(unit / "graph.pt2", root=tmp_path)
+    ranges = graph.meta["dynamic"]
+    assert ranges["0"]["1"] == [2, 512] and ranges["0"]["0"][0] == 2, ranges  # 512 positions: export's bound
+    with pytest.raises(ValueError, match="outside the graph's range"):
+        graph(**_ids(600, 2))
+    with pytest.raises(ValueError, match="outside the graph's range"):
+        graph(**_ids(12, 1))  # batch 1: export specialises a size-1 dim, so 1 is not in the range
+    strided = {k: torch.cat([v, v], dim=1)[:, ::2] for k, v in _ids(9, 2).items()}  # not contiguous
+    torch.testing.assert_close(graph(**strided).last_hidden_state, _eager(net, strided), rtol=1e-4, atol=1e-5)
+
+
+def test_leaf_dims_count_flat_inputs_in_call_order():
+    ids, mask, extra = torch.zeros(2, 5), torch.ones(2, 5), torch.ones(3)
+    found = dims.leaf_dims((extra, (extra, extra)), {"input_ids": ids, "attention_mask": mask},
+                           {"input_ids": [1, 0], "attention_mask": [1], 0: [0]})
+    assert found == {0: [0], 3: [0, 1], 4: [1]}
+
+
+def test_a_call_outside_the_recorded_shapes_is_refused():
+    specs = [{"shape": [2, 8]}, {"shape": [4]}]
+    ranges = {"0": {"1": [2, 16]}}
+    dims.check_call([torch.zeros(2, 16), torch.zeros(4)], specs, ranges)
+    for leaves, match in (([torch.zeros(2, 17), torch.zeros(4)], "outside the graph's range"),
+                          ([torch.zeros(3, 8), torch.zeros(4)], "compiled for 2 only"),
+                          ([torch.zeros(2, 8), torch.zeros(5)], "compiled for 4 only"),
+                          ([torch.zeros(2, 8, 1), torch.zeros(4)], "has 3 dims")):
+        with pytest.raises(ValueError, match=match):
+            dims.check_call(leaves, specs, ranges)
