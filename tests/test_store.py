@@ -250,3 +250,18 @@ def test_inductor_cache_is_scoped(tmp_path, monkeypatch):
     with warm.inductor_cache(store):
         pass
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"
+
+
+def test_a_dynamic_builds_key_reads_its_dynamic_dims_as_any_size():
+    """One entry per dynamic family: the key of a build dynamic in dims 0 and 2 is the same at every size of
+    those dims, and differs where a static dim, the dtype or the dynamic dims themselves differ."""
+    net = _Net()
+
+    def key(shape, dims={0: [0, 2]}, dtype=torch.float32):
+        return st.key_hash(st.make_key(net, (torch.zeros(shape, dtype=dtype),), {}, {}, dynamic=dims))
+
+    assert key((1, 3, 8, 8)) == key((4, 3, 5, 8)) == key((2, 3, 300, 8))
+    assert key((1, 3, 8, 8)) != key((1, 3, 8, 9))  # dim 3 is static
+    assert key((1, 3, 8, 8)) != key((1, 3, 8, 8), dtype=torch.float64)
+    assert key((1, 3, 8, 8)) != key((1, 3, 8, 8), dims={0: [2]})
+    assert key((1, 3, 8, 8), dims=None) != key((1, 3, 8, 8))

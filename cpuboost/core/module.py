@@ -195,7 +195,7 @@ class OptimizedModule(ModelProxy):
         dims = self._dynamic_dims(family, shapes, args, kwargs)
         prefer = family.winner if family is not None else self._winners.get(family_key)
         # a family's first build (static, or dynamic in token dims) keeps its decision; holds the entry's lock
-        found = self._persistent(args, kwargs) if family is None or not dims else None
+        found = self._persistent(args, kwargs, dims) if family is None or not dims else None
         if found is not None and found.waited_s > 1:
             self._report.note(f"[{sig}]: waited {found.waited_s:.1f} s for another process building it")
         if found is not None and found.decision is not None and prefer is None:
@@ -316,12 +316,12 @@ class OptimizedModule(ModelProxy):
             self.__dict__["_warm"] = WarmStart(self._options, self._plan.names)
         return self._warm
 
-    def _persistent(self, args: tuple, kwargs: dict):
-        """This signature's entry in the persistent cache (None when the cache is off)."""
+    def _persistent(self, args: tuple, kwargs: dict, dims: dict):
+        """This signature's entry in the persistent cache, any size in ``dims`` (None when the cache is off)."""
         if not self._warm_start().enabled:
             return None
         try:
-            return self._warm.lookup(self._original, args, kwargs)
+            return self._warm.lookup(self._original, args, kwargs, dims)
         except Exception as exc:  # the cache is an optimisation: never a reason to fail a call
             self._report.note(f"persistent cache skipped: {type(exc).__name__}: {exc}")
             return None

@@ -194,11 +194,14 @@ def machine_fingerprint(backends: tuple[str, ...] = ()) -> dict:
     return info
 
 
-def signature_json(args: tuple, kwargs: dict) -> list:
-    """The input signature as JSON: tensors by shape, stride and dtype; Python values by value."""
-    def one(value: Any) -> Any:
+def signature_json(args: tuple, kwargs: dict, dynamic: Optional[dict] = None) -> list:
+    """The input signature as JSON: tensors by shape, stride and dtype; Python values by value. ``dynamic``
+    (input -> dims, as a dynamic build gets them): those dims read -1 and those inputs' strides are left out,
+    so every size the dynamic graph serves has one entry (a restart's first call at another length finds it)."""
+    def one(value: Any, dims: Optional[list] = None) -> Any:
         if isinstance(value, torch.Tensor):
-            return {"shape": list(value.shape), "stride": list(value.stride()), "dtype": str(value.dtype),
+            shape = [-1 if d in dims else n for d, n in enumerate(value.shape)] if dims else list(value.shape)
+            return {"shape": shape, "stride": None if dims else list(value.stride()), "dtype": str(value.dtype),
                     "device": value.device.type, "grad": value.requires_grad}
         if isinstance(value, (list, tuple)):
             return {type(value).__name__: [one(v) for v in value]}
@@ -209,14 +212,18 @@ def signature_json(args: tuple, kwargs: dict) -> list:
         return {"object": f"{type(value).__module__}.{type(value).__qualname__}"}
 
     autocast = [torch.is_autocast_enabled("cpu"), str(torch.get_autocast_dtype("cpu"))]
-    return [one(tuple(args)), one(dict(kwargs)), {"autocast": autocast}]
+    dynamic = dynamic or {}
+    if not dynamic:
+        return [one(tuple(args)), one(dict(kwargs)), {"autocast": autocast}]
+    return [{"tuple": [one(v, dynamic.get(i)) for i, v in enumerate(args)]},
+            {"dict": [[str(k), one(v, dynamic.get(k))] for k, v in kwargs.items()]}, {"autocast": autocast}]
 
 
 def make_key(model: nn.Module, args: tuple, kwargs: dict, options: dict, *, weights: bool = True,
-             backends: tuple[str, ...] = ()) -> dict:
-    """The full key of one build: structure, weights (when an artifact bakes them), signature, machine,
-    the options that steer the plan (dtype, backend, fusion, tolerance...)."""
-    key = {"model": model_fingerprint(model), "signature": signature_json(args, kwargs),
+             backends: tuple[str, ...] = (), dynamic: Optional[dict] = None) -> dict:
+    """The full key of one build: structure, weights (when an artifact bakes them), signature (``dynamic``
+    dims as any size), machine, the options that steer the plan (dtype, backend, fusion, tolerance...)."""
+    key = {"model": model_fingerprint(model), "signature": signature_json(args, kwargs, dynamic),
            "machine": machine_fingerprint(backends), "options": _jsonable(options)}
     if weights:
         key["weights"] = weights_digest(model)

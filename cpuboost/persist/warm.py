@@ -83,11 +83,12 @@ class WarmStart:
         """The weights changed: their digest is computed again for the next artifact key."""
         self._weights = None
 
-    def lookup(self, original: nn.Module, args: tuple, kwargs: dict) -> Lookup:
-        """The entry for this call's signature, its lock taken first (waiting for another process that is
-        building it), so the decision read is the one that process wrote. The caller must ``release`` it."""
+    def lookup(self, original: nn.Module, args: tuple, kwargs: dict, dynamic: Optional[dict] = None) -> Lookup:
+        """The entry for this call's signature (any size in the ``dynamic`` dims the build will have), its lock
+        taken first (waiting for another process that is building it), so the decision read is the one that
+        process wrote. The caller must ``release`` it."""
         key = store.make_key(original, args, kwargs, self._options_key, weights=False,
-                             backends=("openvino", "torchao"))
+                             backends=("openvino", "torchao"), dynamic=dynamic)
         if self._weights is None:
             self._weights = store.weights_digest(original)
         full = {**key, "weights": self._weights}
@@ -160,7 +161,7 @@ def inductor_artifact(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.
         raise
     graph.path, graph.cache_unit = unit / "graph.pt2", unit
     dynamic = graph.meta.get("dynamic")
-    note("AOTInductor package (export + freezing, compiled in a child process), kept in the persistent cache"
+    note("AOTInductor package (export + freezing), kept in the persistent cache; compiled in a child process"
          + (f"; dynamic dims (flat input: dim [range]) {dynamic}" if dynamic else ""))
     return graph
 
