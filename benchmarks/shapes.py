@@ -55,6 +55,9 @@ def _paths(model: torch.nn.Module, dtype: str, cache_on: bool = False) -> dict:
         folder = tempfile.mkdtemp(prefix="cpuboost-shapes-")
         paths[f"cpuboost {dtype} (cache on)"] = cpuboost.optimize(copy.deepcopy(model), dtype=dtype,
                                                                   cache_dir=folder)
+        # a restart on that folder (a new model object, the same weights): what every later process gets
+        paths[f"cpuboost {dtype} (cache on, restarted)"] = cpuboost.optimize(copy.deepcopy(model), dtype=dtype,
+                                                                             cache_dir=folder)
     return paths
 
 
@@ -88,7 +91,8 @@ def main() -> None:
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     parser.add_argument("--unseen", default=",".join(map(str, UNSEEN)))
     parser.add_argument("--cache-on", action="store_true",
-                        help="also cpuboost with the persistent cache on (a fresh folder), as users get by default")
+                        help="also cpuboost with the persistent cache on (a fresh folder), as users get by default, "
+                             "and a second model on that folder (a restart: it loads what the first one kept)")
     args = parser.parse_args()
     lengths, unseen = [int(n) for n in args.lengths.split(",")], [int(n) for n in args.unseen.split(",")]
     torch.manual_seed(0)

@@ -24,7 +24,10 @@ def _eager(net, inputs):
 
 
 @pytest.mark.slow
-def test_a_dynamic_first_graph_is_packaged_in_a_child_kept_and_loaded_at_any_size(tmp_path):
+def test_a_dynamic_first_graph_is_packaged_in_a_child_kept_and_loaded_at_any_size(tmp_path, monkeypatch):
+    from cpuboost.passes import inductor as inductor_pass
+
+    monkeypatch.setattr(inductor_pass, "CHILD_COMPILE_MIN_BYTES", 0)  # a tiny model, packaged as a large one is
     net = _tiny_bert()
     first = cpuboost.optimize(net, dtype="fp32", backend="native", tune_budget=0, cache_dir=str(tmp_path))
     torch.testing.assert_close(first(**_ids(12, 2)).last_hidden_state, _eager(net, _ids(12, 2)),
@@ -73,3 +76,16 @@ def test_a_call_outside_the_recorded_shapes_is_refused():
                           ([torch.zeros(2, 8, 1), torch.zeros(4)], "has 3 dims")):
         with pytest.raises(ValueError, match=match):
             dims.check_call(leaves, specs, ranges)
+
+
+def test_a_small_models_dynamic_graph_compiles_here_and_is_not_kept(tmp_path):
+    """Under the size where the child's fixed start-up cost pays off, the dynamic first graph is torch.compile'd in
+    this process (the report says so) and nothing is written for it; it still serves other sizes."""
+    net = _tiny_bert()
+    model = cpuboost.optimize(net, dtype="fp32", backend="native", tune_budget=0, cache_dir=str(tmp_path))
+    for length in (12, 20):
+        torch.testing.assert_close(model(**_ids(length, 2)).last_hidden_state, _eager(net, _ids(length, 2)),
+                                   rtol=1e-4, atol=1e-5)
+    assert "compiled in this process, not kept" in _inductor_notes(model), _inductor_notes(model)
+    assert cpuboost.explain(model).graphs[0].path == "inductor", str(cpuboost.explain(model))
+    assert not list((tmp_path / "v1" / "artifacts").glob("*/graph"))
