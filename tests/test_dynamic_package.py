@@ -38,15 +38,31 @@ def test_a_dynamic_first_graph_is_packaged_in_a_child_kept_and_loaded_at_any_siz
     assert "compiled in a child process" in _inductor_notes(first), _inductor_notes(first)
     [unit] = list((tmp_path / "v1" / "artifacts").glob("*/graph"))
 
-    # a restart's first call at another length and batch finds the same entry (its dynamic dims read as any size)
+    torch.testing.assert_close(first(**_ids(20, 2)).last_hidden_state, _eager(net, _ids(20, 2)), rtol=1e-4, atol=1e-5)
+    assert cpuboost.explain(first).graphs[1].verification.startswith("ok"), str(cpuboost.explain(first))
+
+    # a restart's first call at another length and batch finds the same entry (its dynamic dims read as any size);
+    # the size the first process checked is served without an eager call
     again = cpuboost.optimize(net, dtype="fp32", backend="native", tune_budget=0, cache_dir=str(tmp_path))
-    for length, batch in ((31, 3), (12, 2), (5, 2)):
-        torch.testing.assert_close(again(**_ids(length, batch)).last_hidden_state, _eager(net, _ids(length, batch)),
-                                   rtol=1e-4, atol=1e-5)
+    eager_calls = []  # a global hook: one on the module would be part of its fingerprint (another model)
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, *_: eager_calls.append(1) if module is net else None)
+    try:
+        outs = {}
+        for length, batch in ((31, 3), (20, 2), (5, 2)):
+            eager_calls.clear()
+            outs[length] = (again(**_ids(length, batch)).last_hidden_state, len(eager_calls))
+    finally:
+        hook.remove()
+    for length, batch in ((31, 3), (20, 2), (5, 2)):
+        torch.testing.assert_close(outs[length][0], _eager(net, _ids(length, batch)), rtol=1e-4, atol=1e-5)
+    assert outs[20][1] == 0 and outs[31][1] >= 1, {n: c for n, (_, c) in outs.items()}
     assert "loaded from the persistent cache (AOTInductor package, no compile)" in _inductor_notes(again)
     assert any("decision from the persistent cache (inductor fp32)" in e for e in cpuboost.explain(again).events)
-    fates = [g.rungs[0].fate for g in cpuboost.explain(again).graphs]
-    assert fates[0] == "served" and all(f.startswith("served (dynamic graph") for f in fates[1:]), fates
+    graphs = cpuboost.explain(again).graphs
+    assert graphs[0].rungs[0].fate == "served", str(cpuboost.explain(again))
+    assert "checked against eager fp32 before" in graphs[1].rungs[0].fate, graphs[1].rungs[0].fate
+    assert all(g.rungs[0].fate.startswith("served (dynamic graph") for g in graphs[1:]), str(cpuboost.explain(again))
 
     graph = package.load_graph(unit / "graph.pt2", root=tmp_path)
     ranges = graph.meta["dynamic"]

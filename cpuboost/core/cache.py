@@ -28,6 +28,7 @@ class GraphEntry:
     record: GraphRecord
     no_grad: bool = True
     example: Optional[tuple] = None  # (args, kwargs) of the first call: what cpuboost.save() compiles for
+    sizes: Any = None  # a kept dynamic graph's log of sizes checked against eager (``persist.warm.SizeLog``)
 
     def __call__(self, args: tuple, kwargs: dict) -> Any:
         if self.no_grad:
@@ -51,20 +52,38 @@ class Family:
 
     SAMPLE_EVERY = 4  # once the dynamic graph passed on two sizes, every 4th new size is still checked
 
-    def due_for_check(self) -> bool:
+    def serve_dynamic(self, dims: dict, entry: GraphEntry, verdict: Optional[verify.Verdict]) -> None:
+        """``entry`` (built dynamic in ``dims``) serves the family's later sizes; the sizes an earlier process
+        checked it on (its ``sizes`` log, same weights) count as passed."""
+        self.dims, self.dynamic = dims, entry
+        self.yardstick_error = verdict.yardstick if verdict is not None else None
+        earlier = len(entry.sizes.checked) - 1 if entry.sizes is not None else 0  # the log holds this build's size
+        self.sizes_passed, self.unchecked_in_a_row = int(verdict is not None) + max(earlier, 0), 0
+
+    def _checked_before(self, sig: Optional[str]) -> bool:
+        log = self.dynamic.sizes if self.dynamic is not None else None
+        return log is not None and sig in log.checked
+
+    def due_for_check(self, sig: Optional[str] = None) -> bool:
+        if self._checked_before(sig):
+            return False
         return self.sizes_passed < 2 or self.unchecked_in_a_row + 1 >= self.SAMPLE_EVERY
 
-    def served_size(self, checked: bool) -> None:
+    def served_size(self, checked: bool, sig: Optional[str] = None) -> None:
         if checked:
             self.sizes_passed, self.unchecked_in_a_row = self.sizes_passed + 1, 0
-        else:
+            if self.dynamic is not None and self.dynamic.sizes is not None and sig is not None:
+                self.dynamic.sizes.add(sig)
+        elif not self._checked_before(sig):
             self.unchecked_in_a_row += 1
 
-    def unchecked_reason(self, path: str, verify_on: bool) -> str:
+    def unchecked_reason(self, path: str, verify_on: bool, sig: Optional[str] = None) -> str:
         if path == "eager":
             return "eager: the reference itself"
         if not verify_on:
             return "not verified (verify=False)"
+        if self._checked_before(sig):
+            return "size checked against eager fp32 before (persistent cache, same weights)"
         return (f"size not checked: the graph passed on {self.sizes_passed} sizes; every {self.SAMPLE_EVERY}th new "
                 "size is")
 

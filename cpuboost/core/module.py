@@ -231,7 +231,7 @@ class OptimizedModule(ModelProxy):
         entry.example = (args, kwargs) if not dims or family is None else None  # what save() compiles for
         if found is not None:
             yard = winner.verdict.yardstick if winner is not None and winner.verdict is not None else None
-            self._warm.remember(found, winner.rung.name if winner is not None else None, yard)
+            entry.sizes = self._warm.remember(found, winner.rung.name if winner is not None else None, yard, sig, dims)
         self._report.add_graph(record)
         self._keep(lambda: self._remember(family, family_key, shapes, key, entry, dims, winner))
         log.info("cpuboost: [%s] served by %s %s after %.1f s", sig, record.path, record.dtype, record.build_seconds)
@@ -243,7 +243,7 @@ class OptimizedModule(ModelProxy):
         fewer than two sizes, then on every ``Family.SAMPLE_EVERY``-th new size: a new length costs the served
         call, not an eager call on top. An eager family is the reference itself: nothing to check."""
         entry = family.dynamic
-        check = self._options.verify and entry.path != "eager" and family.due_for_check()
+        check = self._options.verify and entry.path != "eager" and family.due_for_check(sig)
         begin = time.perf_counter()
         reference = self._reference(args, kwargs) if check else None
         try:
@@ -263,8 +263,8 @@ class OptimizedModule(ModelProxy):
                 return None
             how, verification = "verified on this size", str(verdict)
         else:
-            how = verification = family.unchecked_reason(entry.path, self._options.verify)
-        family.served_size(checked=reference is not None)
+            how = verification = family.unchecked_reason(entry.path, self._options.verify, sig)
+        family.served_size(reference is not None, sig)
         record = dataclasses.replace(entry.record, signature=sig, build_seconds=time.perf_counter() - begin,
                                      verification=verification,
                                      rungs=[RungRecord(f"{entry.record.path} {entry.record.dtype}",
@@ -298,10 +298,7 @@ class OptimizedModule(ModelProxy):
             family.winner = family.winner or winner.rung.name
             self._winners[family_key] = winner.rung.name
         if dims:  # eager, when nothing beat it, serves every size too: later sizes are verified, not rebuilt
-            family.dims, family.dynamic = dims, entry
-            verdict = winner.verdict if winner is not None else None
-            family.yardstick_error = verdict.yardstick if verdict is not None else None
-            family.sizes_passed, family.unchecked_in_a_row = int(verdict is not None), 0
+            family.serve_dynamic(dims, entry, winner.verdict if winner is not None else None)
         self._cache.put(key, entry)
         if family.builds > STATIC_GRAPHS_BEFORE_WARNING and "recompiles" not in self._warned:
             self._warned.add("recompiles")

@@ -110,16 +110,26 @@ class WarmStart:
                 lock.release()
             raise
 
-    def remember(self, found: Lookup, rung: Optional[str], yardstick_error: Optional[float] = None) -> None:
+    def remember(self, found: Lookup, rung: Optional[str], yardstick_error: Optional[float] = None,
+                 size: Optional[str] = None, dims: Optional[dict] = None) -> Optional["SizeLog"]:
         """The decision, with eager autocast's error on this signature (a warm start verifies against it
-        instead of running eager autocast again); then the entry's lock goes."""
+        instead of running eager autocast again); then the entry's lock goes. For a dynamic graph (``dims``)
+        that serves, the log of sizes it was checked on, ``size`` (this build's) first, with the sizes an
+        earlier process checked the same rung on for these weights."""
         try:
-            if yardstick_error is None and found.decision is not None and found.decision.get("rung") == rung:
+            same = found.decision is not None and found.decision.get("rung") == rung
+            if yardstick_error is None and same:
                 yardstick_error = found.decision.get("yardstick_error")
             decision: dict = {"rung": rung or "eager"}
             if yardstick_error is not None:
                 decision["yardstick_error"] = yardstick_error
+            log = None
+            if dims and rung is not None and size is not None:
+                earlier = found.decision.get(SizeLog.FIELD) if same else None
+                log = SizeLog(self.store, found.decision_key, self._weights or "", earlier, size)
+                decision[SizeLog.FIELD] = log.record()
             self.store.put(found.decision_key, decision)
+            return log
         finally:
             found.release()
 
@@ -130,6 +140,39 @@ class WarmStart:
         if found is None or found.decision is None or found.decision.get("rung") != prefer:
             return None
         return {"eager_ms": reference_ms, "yardstick_error": found.decision.get("yardstick_error")}
+
+
+class SizeLog:
+    """The sizes a kept dynamic graph passed its check against eager fp32 on, in its decision, so that a restarted
+    process serves them without checking again (a new length's first call costs the served call alone). Tied to
+    the weights' digest: a graph of other weights was checked on nothing. Bounded; written as sizes pass."""
+
+    FIELD = "sizes_checked"
+    LIMIT = 256
+
+    def __init__(self, cache: store.DecisionStore, key: dict, weights: str, earlier: Optional[dict],
+                 size: str) -> None:
+        self._store, self._key, self._weights = cache, key, weights
+        kept = earlier.get("sizes", []) if isinstance(earlier, dict) and earlier.get("weights") == weights else []
+        self.checked: set[str] = {s for s in kept if isinstance(s, str)}
+        self.checked.add(size)
+        self._lock = threading.Lock()
+
+    def record(self) -> dict:
+        return {"weights": self._weights, "sizes": sorted(self.checked)[: self.LIMIT]}
+
+    def add(self, size: str) -> None:
+        """``size`` passed: kept in the decision (best effort: the cache is an optimisation)."""
+        with self._lock:
+            if size in self.checked or len(self.checked) >= self.LIMIT:
+                return
+            self.checked.add(size)
+            try:
+                decision = self._store.get(self._key)
+                if decision is not None:
+                    self._store.put(self._key, {**decision, self.FIELD: self.record()})
+            except Exception as exc:  # noqa: BLE001 - never a reason to fail a call
+                log.debug("cpuboost cache: checked size not kept (%s)", exc)
 
 
 def inductor_artifact(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype, folder: Path,
