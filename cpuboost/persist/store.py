@@ -203,8 +203,9 @@ class DecisionStore:
         self._touch(h)
         return entry["decision"]
 
-    def put(self, key: dict, decision: dict) -> bool:
-        """Store a decision (JSON-serializable dict). False when the store is off or cannot be written."""
+    def put(self, key: dict, decision: dict, trim: bool = True) -> bool:
+        """Store a decision (JSON-serializable dict). False when the store is off or cannot be written.
+        ``trim=False``: an update that barely grows the cache (a checked size), with no walk of the folder."""
         if not self.enabled or not self.writable:
             return False
         h = key_hash(key)
@@ -221,7 +222,8 @@ class DecisionStore:
             _warn_once("write", self.root, f"cannot write {path} ({exc.strerror or exc}); working without "
                        "storing builds")
             return False
-        self.trim()
+        if trim:
+            self.trim()
         return True
 
     def _discard(self, path: Path, h: str, text: str) -> None:

@@ -170,7 +170,7 @@ class SizeLog:
             try:
                 decision = self._store.get(self._key)
                 if decision is not None:
-                    self._store.put(self._key, {**decision, self.FIELD: self.record()})
+                    self._store.put(self._key, {**decision, self.FIELD: self.record()}, trim=False)
             except Exception as exc:  # noqa: BLE001 - never a reason to fail a call
                 log.debug("cpuboost cache: checked size not kept (%s)", exc)
 
