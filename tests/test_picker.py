@@ -265,3 +265,23 @@ def test_side_by_side_times_each_graph_settled_not_right_after_the_other():
     fast, slow = _PoolSwitch(4.0), _PoolSwitch(8.0)
     fast_ms, slow_ms = race.head_to_head(fast, slow, (), {})
     assert fast_ms < 7.0 and slow_ms >= 8.0 and fast_ms < slow_ms, (fast_ms, slow_ms)
+
+
+class _Counted:
+    def __init__(self, ms: float) -> None:
+        self.ms, self.calls = ms, 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        time.sleep(self.ms / 1e3)
+
+
+@pytest.mark.parametrize("other_ms, rounds", [(4.0, 10), (8.0, 5)])
+def test_a_close_side_by_side_race_is_timed_twice_as_long(other_ms, rounds):
+    """Within 5% the race gets as many rounds again (each round: a settling and a timed call per graph); a clear
+    one does not."""
+    from cpuboost.core import race
+
+    first, second = _Counted(4.0), _Counted(other_ms)
+    race.head_to_head(first, second, (), {})
+    assert first.calls == second.calls == 2 * rounds, (first.calls, second.calls)
