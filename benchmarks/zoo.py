@@ -554,7 +554,10 @@ def run_one(name: str, repeat: int, dtypes: list[str], skip: set[str]) -> dict:
 
 def time_paths(calls: dict[str, Callable[[], Any]], repeat: int) -> dict:
     """Interleaved rounds: each round calls every path (rotating the order) and keeps its seconds per call.
-    A sample loops over enough calls to span MIN_TIMED_S so sub-millisecond models are measurable."""
+    A sample loops over enough calls to span MIN_TIMED_S so sub-millisecond models are measurable, after one
+    untimed call of the same path: the first call after another runtime's (OpenVINO's TBB threads, torch's
+    OpenMP ones) is slowed while that runtime's threads still spin, which a served model, called in a loop,
+    never sees."""
     names = list(calls)
     loops: dict[str, int] = {}
     with torch.no_grad():
@@ -569,6 +572,7 @@ def time_paths(calls: dict[str, Callable[[], Any]], repeat: int) -> dict:
             order = names[r % len(names):] + names[:r % len(names)]
             for n in order:
                 fn, k = calls[n], loops[n]
+                fn()  # settle (see above)
                 start = time.perf_counter()
                 for _ in range(k):
                     fn()

@@ -126,7 +126,7 @@ class WarmStart:
             log = None
             if dims and rung is not None and size is not None:
                 earlier = found.decision.get(SizeLog.FIELD) if same else None
-                log = SizeLog(self.store, found.decision_key, self._weights or "", earlier, size)
+                log = SizeLog(self.store, found.decision_key, rung, self._weights or "", earlier, size)
                 decision[SizeLog.FIELD] = log.record()
             self.store.put(found.decision_key, decision)
             return log
@@ -150,9 +150,9 @@ class SizeLog:
     FIELD = "sizes_checked"
     LIMIT = 256
 
-    def __init__(self, cache: store.DecisionStore, key: dict, weights: str, earlier: Optional[dict],
+    def __init__(self, cache: store.DecisionStore, key: dict, rung: str, weights: str, earlier: Optional[dict],
                  size: str) -> None:
-        self._store, self._key, self._weights = cache, key, weights
+        self._store, self._key, self._rung, self._weights = cache, key, rung, weights
         kept = earlier.get("sizes", []) if isinstance(earlier, dict) and earlier.get("weights") == weights else []
         self.checked: set[str] = {s for s in kept if isinstance(s, str)}
         self.checked.add(size)
@@ -169,7 +169,7 @@ class SizeLog:
             self.checked.add(size)
             try:
                 decision = self._store.get(self._key)
-                if decision is not None:
+                if decision is not None and decision.get("rung") == self._rung:  # not another process's new rung
                     self._store.put(self._key, {**decision, self.FIELD: self.record()}, trim=False)
             except Exception as exc:  # noqa: BLE001 - never a reason to fail a call
                 log.debug("cpuboost cache: checked size not kept (%s)", exc)
