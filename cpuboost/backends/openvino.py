@@ -236,9 +236,10 @@ def _probe_one(model, fn: OpenVINOCallable, dtype, dynamic_dims, inputs: _Inputs
             own = yardstick[i] if yardstick is not None else None
             ok, measured = _probe_verdict(ref, out, own, dtype, tolerance)
             if not ok:
-                raise OpenVINOBuildError(f"output {i} differs from eager on a second input ({measured}): the trace "
-                                         "specialised on the example input (data- or shape-dependent Python control "
-                                         "flow)")
+                why = ("the trace specialised on the example input (data- or shape-dependent Python control flow)"
+                       if own is None else "this graph rounds more than eager autocast does on other data, or the "
+                       "trace specialised on the example input (data- or shape-dependent Python control flow)")
+                raise OpenVINOBuildError(f"output {i} differs from eager on a second input ({measured}): {why}")
 
 
 def _autocast_leaves(model, dtype: torch.dtype, args: tuple, kwargs: dict) -> list | None:
