@@ -15,26 +15,23 @@ from ..core.registry import PassContext, PlanContext, register_pass
 CHILD_COMPILE_MIN_BYTES = 256 << 20
 
 
-def _weight_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-
-
 def build_inductor(model: nn.Module, args: tuple, kwargs: dict, ctx: PassContext) -> Callable:
     """torch.compile(Inductor) with freezing, compiled now for this input signature; with the persistent cache
     on, an AOTInductor package compiled in a child process (its compile's memory goes with it) and kept."""
     from ..backends import inductor
 
-    packaged = not ctx.dynamic_dims or _weight_bytes(model) >= CHILD_COMPILE_MIN_BYTES
-    if ctx.artifact_dir is not None and packaged:
-        from ..persist import warm as persist
+    if ctx.artifact_dir is not None:
+        from ..persist import aoti, warm as persist
 
-        try:
-            return persist.inductor_artifact(model, args, kwargs, ctx.options.dtype, ctx.artifact_dir, ctx.note,
-                                             dynamic_dims=ctx.dynamic_dims)
-        except Exception as exc:  # a model torch.export cannot take: torch.compile, not persisted
-            ctx.note(f"not persisted (AOTInductor: {type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
-    elif ctx.artifact_dir is not None:
-        ctx.note(f"dynamic graph compiled in this process, not kept (weights under {CHILD_COMPILE_MIN_BYTES >> 20} MiB)")
+        if not ctx.dynamic_dims or aoti.module_bytes(model) >= CHILD_COMPILE_MIN_BYTES:
+            try:
+                return persist.inductor_artifact(model, args, kwargs, ctx.options.dtype, ctx.artifact_dir,
+                                                 ctx.note, dynamic_dims=ctx.dynamic_dims)
+            except Exception as exc:  # a model torch.export cannot take: torch.compile, not persisted
+                ctx.note(f"not persisted (AOTInductor: {type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+        else:
+            ctx.note(f"dynamic graph compiled in this process, not kept (weights under "
+                     f"{CHILD_COMPILE_MIN_BYTES >> 20} MiB)")
     return inductor.build(model, args, kwargs, ctx.options.dtype, ctx.note, dynamic_dims=ctx.dynamic_dims)
 
 

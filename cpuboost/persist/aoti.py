@@ -72,6 +72,11 @@ class _FlatRunner(nn.Module):
         return tuple(t.to(d) if t.dtype != d else t for t, d in zip(leaves, self.out_dtypes))
 
 
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module):
     """Eval mode for tracing, then every submodule's own flag back (the caller's model is not changed)."""
@@ -196,7 +201,7 @@ def compile_aoti(module: nn.Module, args: tuple, kwargs: dict, dtype: Union[str,
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".pt2")
         os.close(fd)
         configs: dict[str, Any] = {"freezing": True}
-        weight_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+        weight_bytes = module_bytes(module)
         import torch._inductor.config as inductor_config
 
         on_disk = "aot_inductor.package_constants_on_disk_format" in inductor_config.get_config_copy()  # torch>=2.9

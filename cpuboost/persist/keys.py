@@ -212,9 +212,7 @@ def signature_json(args: tuple, kwargs: dict, dynamic: Optional[dict] = None) ->
         return {"object": f"{type(value).__module__}.{type(value).__qualname__}"}
 
     autocast = [torch.is_autocast_enabled("cpu"), str(torch.get_autocast_dtype("cpu"))]
-    dynamic = dynamic or {}
-    if not dynamic:
-        return [one(tuple(args)), one(dict(kwargs)), {"autocast": autocast}]
+    dynamic = dynamic or {}  # the top-level encoding is ``one``'s for a tuple and a dict, with each input's dims
     return [{"tuple": [one(v, dynamic.get(i)) for i, v in enumerate(args)]},
             {"dict": [[str(k), one(v, dynamic.get(k))] for k, v in kwargs.items()]}, {"autocast": autocast}]
 
