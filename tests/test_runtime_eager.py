@@ -68,6 +68,7 @@ def test_conv_stacks_match_eager(net_and_input, dtype):
        st.integers(0, 2**16))
 def test_mlps_with_batchnorm_match_eager(sizes, batch, dtype, seed):
     """Linear+BN1d folding and bf16 weights on MLPs of any shape stay within tolerance."""
+    torch.manual_seed(seed)  # the Linear layers' init draws from the global generator: each example one model
     gen = torch.Generator().manual_seed(seed)
     net = randomize_bn(MLP(sizes), gen).eval()
     x = torch.randn(batch, sizes[0], generator=gen)
