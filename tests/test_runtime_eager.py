@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cpuboost
-from oracle import allowed_error, eager_autocast, rel_err
+from oracle import allowed_error, eager_autocast, rejection_justified, rel_err, rung
 
 from nets import MLP, StackNet, randomize_bn
 
@@ -34,9 +34,14 @@ def _passes_output(model, x, dtype):
         return PrecisionRunner(model._work, dtype)(x).float()
 
 
-def _passes_verified(model):
-    rung = next(r for r in cpuboost.explain(model).graphs[-1].rungs if r.name.startswith("eager+passes"))
-    return rung.error.startswith("ok") and not rung.fate.startswith(("failed", "rejected")), rung.line()
+def _passes_verified_or_justly_refused(model, x, dt, ref, own):
+    """The eager-with-passes rung passed verification, or was refused where the tests' own arithmetic agrees
+    it strays too far (it then must not serve)."""
+    record = rung(model, "eager+passes")
+    if record.error.startswith("ok") and not record.fate.startswith(("failed", "rejected")):
+        return True
+    assert cpuboost.explain(model).graphs[-1].path == "eager (original)", record.line()
+    return rejection_justified(record, dt, _passes_output(model, x, dt), ref, own)
 
 
 def _rel_err(out, ref):
@@ -59,7 +64,7 @@ def test_conv_stacks_match_eager(net_and_input, dtype):
     assert _rel_err(_passes_output(model, x, dt), ref) <= allowed_error(dt, ref, own)
     report = cpuboost.explain(model)
     assert report.graphs[-1].path in ("eager+passes", "eager (original)")
-    assert _passes_verified(model)[0], str(report)
+    assert _passes_verified_or_justly_refused(model, x, dt, ref, own), str(report)
     assert "fold_batchnorm" in report.applied
 
 
@@ -80,7 +85,7 @@ def test_mlps_with_batchnorm_match_eager(sizes, batch, dtype, seed):
     own = eager_autocast(net, dt, x) if dt != torch.float32 else None
     assert _rel_err(out, ref) <= allowed_error(dt, ref, own)
     assert _rel_err(_passes_output(model, x, dt), ref) <= allowed_error(dt, ref, own)
-    assert _passes_verified(model)[0], str(cpuboost.explain(model))
+    assert _passes_verified_or_justly_refused(model, x, dt, ref, own), str(cpuboost.explain(model))
 
 
 @settings(max_examples=20)

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cpuboost
-from oracle import allowed_error, eager_autocast, rung, verified
+from oracle import allowed_error, eager_autocast, rejection_justified, rung, verified
 
 from nets import Branchy, StackNet, randomize_bn, run_in_threads
 
@@ -30,7 +30,6 @@ def test_compiled_conv_stacks_match_eager(dtype, acts, head_bn, seed):
     out = model(x)
     report = cpuboost.explain(model)
     dt = model._options.dtype
-    assert verified(rung(model, f"inductor {dtype}")), str(report)  # it may still lose the race to eager
     own = eager_autocast(net, dt, x) if dt != torch.float32 else None
     assert out.dtype == torch.float32 and _rel_err(out, ref) <= allowed_error(dt, ref, own)
     torch.testing.assert_close(model(x), out)  # the cached entry gives the same answer again
@@ -42,6 +41,8 @@ def test_compiled_conv_stacks_match_eager(dtype, acts, head_bn, seed):
     with torch.no_grad():
         compiled = graph(x)
     assert "C++ wrapper" in notes and _rel_err(compiled.float(), ref) <= allowed_error(dt, ref, own)
+    record = rung(model, f"inductor {dtype}")  # built and verified (it may still lose the race to eager), or
+    assert verified(record) or rejection_justified(record, dt, compiled, ref, own), str(report)  # justly refused
 
 
 def test_compiled_control_flow_and_threads():
