@@ -223,10 +223,12 @@ class OptimizedModule(ModelProxy):
             entry = GraphEntry(winner.rung.backend, winner.fn, template, record)
             self._mark_pass(winner.rung.backend, "applied", winner.build_seconds,
                             "; ".join([f"used for [{sig}]", *winner.rung.notes]))
+        notes = {r.name: r.notes for stage in stages for r in stage}  # a losing rung's build notes stay visible
         for rung in rungs:
             if (winner is None or rung is not winner.record) and not rung.fate.startswith("not tried"):
                 self._mark_pass(rung.name.rsplit(" ", 1)[0], "failed" if rung.fate.startswith(("failed", "rej"))
-                                else "skipped", rung.build_seconds, f"[{sig}] {rung.line()}")
+                                else "skipped", rung.build_seconds, "; ".join([f"[{sig}] {rung.line()}",
+                                                                               *notes.get(rung.name, [])]))
         record.build_seconds = time.perf_counter() - started
         entry.example = (args, kwargs) if not dims or family is None else None  # what save() compiles for
         if found is not None:
