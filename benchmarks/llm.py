@@ -52,7 +52,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--prompts", default="128", help="comma list of prompt lengths, e.g. 128,1024")
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--batches", default="1")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--paths", default=PATHS)
     p.add_argument("--json", help="write the results here")
@@ -224,16 +224,35 @@ def _paths(model, names: list[str], threads: int) -> dict[str, Callable[[], tupl
     return {n: table[n] for n in names}
 
 
-def _measure(generate, ids, new: int, rounds: int) -> tuple[Any, float, float, float]:
-    """(tokens, first call s, best full-generate ms, best time-to-first-token ms) for one prompt shape."""
-    full = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False}
-    first_token = {"max_new_tokens": 1, "do_sample": False}
-    started = time.perf_counter()
-    tokens = generate(ids, **full)
-    first_call = time.perf_counter() - started
-    total = min(_timed(lambda: generate(ids, **full)) for _ in range(rounds)) * 1e3
-    ttft = min(_timed(lambda: generate(ids, **first_token)) for _ in range(rounds)) * 1e3
-    return tokens, first_call, total, ttft
+def _first_calls(generate, shapes: list, new: int) -> dict:
+    """{(prompt, batch): (tokens, first call s)}: each shape's first call (its build) before any timing."""
+    done = {}
+    for prompt, batch in shapes:
+        ids = torch_randint(prompt, batch)
+        started = time.perf_counter()
+        tokens = generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        done[prompt, batch] = tokens, time.perf_counter() - started
+    return done
+
+
+def _timings(generate, shapes: list, new: int, rounds: int) -> dict:
+    """{(prompt, batch): (best full-generate ms, best time-to-first-token ms)}, the shapes' rounds interleaved:
+    the machine's bandwidth drifts by a quarter over minutes here, and a ratio between shapes (batch 4 against
+    batch 1) must not be a ratio between two minutes."""
+    best: dict = {shape: [float("inf"), float("inf")] for shape in shapes}
+    for _ in range(rounds):
+        for prompt, batch in shapes:
+            ids = torch_randint(prompt, batch)
+            full = _timed(lambda: generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)) * 1e3
+            ttft = _timed(lambda: generate(ids, max_new_tokens=1, do_sample=False)) * 1e3
+            best[prompt, batch] = [min(best[prompt, batch][0], full), min(best[prompt, batch][1], ttft)]
+    return best
+
+
+def torch_randint(prompt: int, batch: int):
+    import torch
+
+    return torch.randint(0, 151936, (batch, prompt), generator=torch.Generator().manual_seed(prompt))
 
 
 def main() -> None:
@@ -261,34 +280,34 @@ def main() -> None:
             print(f"{name}: skipped ({type(exc).__name__}: {str(exc)[:160]})", flush=True)
             continue
         build_s = time.perf_counter() - started
-        for prompt in prompts:
-            for batch in batches:
-                ids = torch.randint(0, 151936, (batch, prompt), generator=torch.Generator().manual_seed(prompt))
-                try:
-                    tokens, first_call, total, ttft = _measure(generate, ids, a.new, a.rounds)
-                except Exception as exc:
-                    print(f"{name} prompt {prompt} batch {batch}: skipped ({type(exc).__name__}: {str(exc)[:160]})",
-                          flush=True)
-                    continue
-                first_call, build_s = first_call + build_s, 0.0
-                per_token = (total - ttft) / (a.new - 1)
-                nbytes = weight_bytes()
-                gbs = nbytes / (per_token / 1e3) / 1e9
-                prefill = 2 * matmul_params * prompt * batch / (ttft / 1e3) / 1e9
-                if name == "eager_fp32":
-                    reference[prompt, batch] = tokens
-                agree = "-"
-                if (prompt, batch) in reference:
-                    ref = reference[prompt, batch]
-                    differ = (tokens[:, prompt:] != ref[:, prompt:]).any(0).nonzero()
-                    agree = f"{int(differ[0]) if len(differ) else a.new}/{a.new}"
-                row = {"path": name, "prompt": prompt, "batch": batch, "first_call_s": first_call, "ttft_ms": ttft,
-                       "prefill_gflop_s": prefill, "prefill_peak_pct": 100 * prefill / peak,
-                       "ms_per_token": per_token, "tokens_per_s": batch * 1e3 / per_token,
-                       "weight_mb_per_token": nbytes / 1e6, "weight_gb_s": gbs, "bandwidth_pct": 100 * gbs / bandwidth,
-                       "tokens_equal_fp32": agree, "load": open("/proc/loadavg").read().split()[0]}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+        shapes = [(prompt, batch) for prompt in prompts for batch in batches]
+        try:
+            firsts = _first_calls(generate, shapes, a.new)
+            timings = _timings(generate, shapes, a.new, a.rounds)
+        except Exception as exc:
+            print(f"{name}: skipped ({type(exc).__name__}: {str(exc)[:160]})", flush=True)
+            continue
+        for prompt, batch in shapes:
+            (tokens, first_call), (total, ttft) = firsts[prompt, batch], timings[prompt, batch]
+            first_call, build_s = first_call + build_s, 0.0
+            per_token = (total - ttft) / (a.new - 1)
+            nbytes = weight_bytes()
+            gbs = nbytes / (per_token / 1e3) / 1e9
+            prefill = 2 * matmul_params * prompt * batch / (ttft / 1e3) / 1e9
+            if name == "eager_fp32":
+                reference[prompt, batch] = tokens
+            agree = "-"
+            if (prompt, batch) in reference:
+                ref = reference[prompt, batch]
+                differ = (tokens[:, prompt:] != ref[:, prompt:]).any(0).nonzero()
+                agree = f"{int(differ[0]) if len(differ) else a.new}/{a.new}"
+            row = {"path": name, "prompt": prompt, "batch": batch, "first_call_s": first_call, "ttft_ms": ttft,
+                   "prefill_gflop_s": prefill, "prefill_peak_pct": 100 * prefill / peak,
+                   "ms_per_token": per_token, "tokens_per_s": batch * 1e3 / per_token,
+                   "weight_mb_per_token": nbytes / 1e6, "weight_gb_s": gbs, "bandwidth_pct": 100 * gbs / bandwidth,
+                   "tokens_equal_fp32": agree, "load": open("/proc/loadavg").read().split()[0]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
         del generate, weight_bytes
     print("\n| path | prompt | batch | decode ms/token | tokens/s | MB weights/token | % read bw | TTFT ms | "
           "prefill GFLOP/s (% peak) | first call s | tokens = fp32 | load |")
@@ -298,6 +317,11 @@ def main() -> None:
               f"{r['weight_mb_per_token']:.0f} | {r['bandwidth_pct']:.0f}% | {r['ttft_ms']:.0f} | "
               f"{r['prefill_gflop_s']:.0f} ({r['prefill_peak_pct']:.0f}%) | {r['first_call_s']:.0f} | "
               f"{r['tokens_equal_fp32']} | {r['load']} |")
+    for r in rows:
+        one = next((o for o in rows if o["path"] == r["path"] and o["prompt"] == r["prompt"] and o["batch"] == 1), None)
+        if one is not None and r["batch"] > 1:
+            print(f"{r['path']} prompt {r['prompt']}: batch {r['batch']} decode throughput "
+                  f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}x batch 1's (rounds interleaved)")
     print(f"\nread bandwidth {bandwidth:.1f} GB/s, bf16 matmul peak {peak:.0f} GFLOP/s. "
           f"reproduce: python benchmarks/llm.py {' '.join(sys.argv[1:])}")
     if a.json:

@@ -126,16 +126,20 @@ def _keys_cut(mask: Any, length: int) -> Any:
     return mask
 
 
+_LOOKUP_TABLES = frozenset({"cpuboost_cos", "cpuboost_sin"})  # rope.py's: a step reads one row per sequence
+
+
 def weight_bytes_per_token(model: nn.Module) -> int:
     """Bytes of weights one decode step reads: every parameter and buffer once (quantized ones by their
-    packed data and scales), except the input embedding table, of which a step reads one row per sequence."""
+    packed data and scales), except the input embedding table and the rotary tables, of which a step reads
+    one row per sequence."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     skip = {id(getattr(embeddings, "weight", None))}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     skip.discard(id(getattr(head, "weight", None)))  # a tied head reads the whole table
     seen, total = set(), 0
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        if id(tensor) in seen or id(tensor) in skip:
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if id(tensor) in seen or id(tensor) in skip or name.rpartition(".")[2] in _LOOKUP_TABLES:
             continue
         seen.add(id(tensor))
         total += stored_bytes(tensor)

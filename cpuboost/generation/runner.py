@@ -22,6 +22,7 @@ from .copies import cast_matmul_weights, math_attention, prefill_on, shared_copy
 from .decode import BUILDS, CallClock, DecodeStep
 from .persisted import PersistedDecisions
 from .judge import judge
+from .rope import table_rotary_embeddings
 from .route import CallPlan, can_route
 from .weights import fake_quantized, quantize_matmul_weights, unavailable
 
@@ -48,6 +49,9 @@ class _Copies:
         attention = math_attention(self.static)
         if attention:
             note(f"generate: {attention}")
+        tables = table_rotary_embeddings(self.static, runner.max_cache_len)
+        if tables:
+            note(f"generate: the decode copy's {tables}")
         self.decode, self.yard, self.kind = self.static, self.reference, None
         kind = _QUANTIZED.get(runner.dtype)
         if kind is not None:
