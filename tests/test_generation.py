@@ -205,6 +205,23 @@ def test_bf16_compiled_matches_autocast_and_samples(llama, ids):
     assert sum("built" in n for n in notes) == 1  # sampling reused the verified graph
 
 
+def test_a_batch_past_the_templates_rows_autotunes_its_gemms_and_stays_exact(llama):
+    """Past TEMPLATE_ROWS sequences the decode graph is built with Inductor's per-GEMM autotuning (the C++
+    template fell 2-3x behind oneDNN at 8-16 rows), and batch 1 keeps the template: tokens exact either way."""
+    from cpuboost.generation import decode
+
+    notes = []
+    runner = GenerationRunner(llama, torch.float32, notes.append, race=False)
+    batch = decode.TEMPLATE_ROWS + 2
+    ids = torch.randint(0, 128, (batch, PROMPT), generator=torch.Generator().manual_seed(3))
+    out = runner.generate(ids, max_new_tokens=8, do_sample=False)
+    assert runner.describe() == {f"batch {batch}, cache 128": "compiled"}, notes
+    built = [n for n in notes if "decode graph (" in n]
+    assert len(built) == 1 and f"({decode.AUTOTUNED[0]}) for batch {batch}" in built[0], notes
+    assert torch.equal(out, _eager(llama, ids, max_new_tokens=8, do_sample=False))
+    assert decode.builds_for(1) == decode.BUILDS and decode.builds_for(batch)[0] == decode.AUTOTUNED
+
+
 @pytest.mark.slow
 def test_a_decode_graph_that_won_is_persisted_and_a_restart_skips_the_race(llama, ids, tmp_path):
     """With a persistent cache, a decode graph that served is written as the key's decision; a new runner on the

@@ -20,6 +20,19 @@ from .cache import unmark_static
 BUILDS = (("freezing + C++ GEMM template", {"freezing": True, "max_autotune": True,
                                              "max_autotune_gemm_backends": "CPP"}),
           ("freezing", {"freezing": True}))
+# Past a few rows a decode GEMM stops being bound by reading weights, and the template's micro-kernels can fall
+# far behind oneDNN (12-layer Qwen2-shaped MLPs + LM head, bf16, no AMX: 13.6 against 22.2 ms at 1 row, 16.9
+# against 17.6 at 4, but 58.8 against 23.4 at 8 and 112 against 33 at 16). There Inductor's autotuning picks per
+# GEMM shape by timing each choice, which it gets right once the GEMM is compute-bound; at 1-4 rows its in-cache
+# timings miss what streaming the weights costs (autotuned: 19.9 ms at 1 row, 21.0 at 4), so the template alone.
+TEMPLATE_ROWS = 4
+AUTOTUNED = ("freezing + GEMMs autotuned (C++ template or ATen, timed per shape)",
+             {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"})
+
+
+def builds_for(rows: int) -> tuple:
+    """The Inductor settings to try for a decode step of ``rows`` sequences, best first."""
+    return BUILDS if rows <= TEMPLATE_ROWS else (AUTOTUNED, *BUILDS[1:])
 _counter = itertools.count()
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from .cache import CachePool, cache_refusal
 from .copies import cast_matmul_weights, math_attention, prefill_on, shared_copy, weight_bytes_per_token
-from .decode import BUILDS, CallClock, DecodeStep
+from .decode import CallClock, DecodeStep, builds_for
 from .persisted import PersistedDecisions
 from .judge import judge
 from .rope import table_rotary_embeddings
@@ -193,7 +193,7 @@ class GenerationRunner:
                 yard = copies.yard.generate(**probe)
         failures = []
         with self._build_lock:
-            for how, options in BUILDS:
+            for how, options in builds_for(call.batch):
                 step = DecodeStep(copies.decode, how, options)
                 try:
                     out = self._run_static(copies, step, call.batch, bucket, (), probe)
