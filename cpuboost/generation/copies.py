@@ -11,6 +11,8 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from . import rope
+
 
 def shared_copy(model: nn.Module) -> nn.Module:
     """A structural copy of ``model`` holding the very same Parameter and buffer objects (no tensor copied)."""
@@ -126,9 +128,6 @@ def _keys_cut(mask: Any, length: int) -> Any:
     return mask
 
 
-_LOOKUP_TABLES = frozenset({"cpuboost_cos", "cpuboost_sin"})  # rope.py's: a step reads one row per sequence
-
-
 def weight_bytes_per_token(model: nn.Module) -> int:
     """Bytes of weights one decode step reads: every parameter and buffer once (quantized ones by their
     packed data and scales), except the input embedding table and the rotary tables, of which a step reads
@@ -139,7 +138,7 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     skip.discard(id(getattr(head, "weight", None)))  # a tied head reads the whole table
     seen, total = set(), 0
     for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
-        if id(tensor) in seen or id(tensor) in skip or name.rpartition(".")[2] in _LOOKUP_TABLES:
+        if id(tensor) in seen or id(tensor) in skip or name.rpartition(".")[2] in rope.TABLES:
             continue
         seen.add(id(tensor))
         total += stored_bytes(tensor)

@@ -33,6 +33,8 @@ AUTOTUNED = ("freezing + GEMMs autotuned (C++ template or ATen, timed per shape)
 def builds_for(rows: int) -> tuple:
     """The Inductor settings to try for a decode step of ``rows`` sequences, best first."""
     return BUILDS if rows <= TEMPLATE_ROWS else (AUTOTUNED, *BUILDS[1:])
+
+
 _counter = itertools.count()
 
 

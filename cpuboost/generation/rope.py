@@ -17,6 +17,7 @@ from torch import nn
 
 POSITION_ONLY = frozenset({"default", "linear", "llama3", "yarn"})
 MAX_POSITIONS = 32768  # 16 MiB of tables at head size 64; a longer context keeps computing its rotation
+TABLES = ("cpuboost_cos", "cpuboost_sin")  # buffers of the private copy; a decode step reads one row of each
 
 
 def _rotary_modules(model: nn.Module):
@@ -44,14 +45,14 @@ def table_rotary_embeddings(model: nn.Module, positions: int) -> Optional[str]:
         try:
             with torch.no_grad():
                 cos, sin = module.forward(torch.zeros(1, dtype=torch.float32), torch.arange(positions)[None])
-        except Exception as exc:  # a rotary module with another signature keeps its own forward
+        except Exception as exc:  # a forward that cannot run on the probe keeps computing its own
             kept.append(f"{name or 'rotary'} ({type(exc).__name__})")
             continue
         if cos.dim() != 3 or cos.shape[:2] != (1, positions):
             kept.append(f"{name or 'rotary'} (cos of shape {tuple(cos.shape)})")
             continue
-        module.register_buffer("cpuboost_cos", cos[0].contiguous(), persistent=False)
-        module.register_buffer("cpuboost_sin", sin[0].contiguous(), persistent=False)
+        for buffer, values in zip(TABLES, (cos, sin)):
+            module.register_buffer(buffer, values[0].contiguous(), persistent=False)
         module.forward = types.MethodType(_tabled_forward, module)
         tabled.append(name or "rotary")
     if not tabled and not kept:
@@ -60,5 +61,6 @@ def table_rotary_embeddings(model: nn.Module, positions: int) -> Optional[str]:
     return "; ".join(filter(None, [text, f"computed per step: {', '.join(kept)}" if kept else ""]))
 
 
-def _tabled_forward(self: nn.Module, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _tabled_forward(self: nn.Module, x: torch.Tensor,
+                    position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return self.cpuboost_cos[position_ids].to(x.dtype), self.cpuboost_sin[position_ids].to(x.dtype)
