@@ -245,3 +245,65 @@ def test_a_decode_graph_that_won_is_persisted_and_a_restart_skips_the_race(llama
     assert restarted.describe() == {"batch 1, cache 128": "compiled"}, second
     assert any("decision from the persistent cache (compiled)" in n for n in second), second
     assert any("won here before: not raced" in n for n in second) and not any("over 8 tokens" in n for n in second)
+
+
+def _wait_for_packages():
+    import threading
+
+    for thread in threading.enumerate():
+        if thread.name == "cpuboost build: decode package":
+            thread.join(timeout=300)
+            assert not thread.is_alive(), "decode package still compiling after 300 s"
+
+
+@pytest.mark.slow
+def test_a_restart_loads_the_packaged_decode_step_and_a_damaged_one_is_compiled_again(llama, ids, tmp_path):
+    """The decode step that served is packaged (AOTInductor, a child process) in the background; a restarted
+    runner on the same cache loads it with no compile (the package reads the embedding table from the model,
+    so the package holds less than the weights), verifies it and answers eager's tokens. A package damaged on
+    disk is refused on its digest, removed and compiled again."""
+    import json
+
+    from cpuboost.generation.decode import DecodeStep
+    from cpuboost.generation.packaged import PackagedDecode
+    from cpuboost.generation.persisted import PersistedDecisions
+    from cpuboost.options import Options
+    from cpuboost.persist.warm import WarmStart
+
+    def runner(notes):
+        warm = WarmStart(Options(dtype="bf16", cache_dir=str(tmp_path)), [])
+        return GenerationRunner(llama, torch.bfloat16, notes.append, race=False,
+                                persist=PersistedDecisions(warm, llama))
+
+    expected = _eager(llama, ids, dtype=torch.bfloat16, max_new_tokens=10, do_sample=False)
+    first, second, third = [], [], []
+    cold = runner(first)
+    assert torch.equal(cold.generate(ids, max_new_tokens=10, do_sample=False), expected)
+    assert isinstance(cold._copies.steps[1, 128], DecodeStep), first
+    _wait_for_packages()
+    assert any("decode step packaged for restarts" in n for n in first), first
+    units = list(tmp_path.rglob("decode.json"))
+    assert len(units) == 1
+    record = json.loads(units[0].read_text())
+    assert record["layout"]["table"] == [list(llama.model.embed_tokens.weight.shape), "float32"]
+
+    warm = runner(second)
+    assert torch.equal(warm.generate(ids, max_new_tokens=10, do_sample=False), expected)
+    step = warm._copies.steps[1, 128]
+    assert isinstance(step, PackagedDecode) and step.eager_calls == 0 and step.calls >= 10, second
+    assert any("AOTInductor package from the persistent cache, no compile" in n and "loaded in" in n
+               for n in second), second
+    assert not any("built in" in n for n in second), second
+
+    package = units[0].with_name("decode.pt2")
+    data = bytearray(package.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    package.write_bytes(bytes(data))
+    again = runner(third)
+    assert torch.equal(again.generate(ids, max_new_tokens=10, do_sample=False), expected)
+    assert isinstance(again._copies.steps[1, 128], DecodeStep), third
+    assert any("packaged decode step unusable" in n and "SHA-256" in n for n in third), third
+    _wait_for_packages()
+    from cpuboost.persist.units import check_files
+
+    check_files(units[0].parent, json.loads(units[0].read_text())["files"], "repackaged")  # whole again

@@ -4,6 +4,7 @@ that keyword is new in transformers 5.2x (5.5.x and 4.x reject it as an unused m
 concurrent call: a pool hands each call its own, so calls on one graph never share KV state."""
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import threading
@@ -93,6 +94,25 @@ def layer_states(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if layers:
         return [(layer.keys, layer.values) for layer in layers]
     return list(zip(cache.key_cache, cache.value_cache))
+
+
+def shell_layers(cache: Any, tensors: list[list[torch.Tensor]]) -> Any:
+    """A copy of ``cache`` whose per-layer tensors are ``tensors`` (``packaged.cache_tensors``' order), so an
+    exported step reads and writes the tensors it is given. The one-dtype fix is bound to the copy's layers."""
+    shell = copy.copy(cache)
+    layers = getattr(cache, "layers", None)
+    if layers:
+        shell.layers = []
+        for layer, mine in zip(layers, tensors):
+            twin = copy.copy(layer)
+            names = sorted(k for k, v in vars(layer).items() if isinstance(v, torch.Tensor))
+            twin.__dict__.update(zip(names, mine))
+            if "update" in vars(layer):  # new_static_cache's wrapper, bound to the original layer
+                twin.update = _values_as_keys(type(layer).update.__get__(twin))
+            shell.layers.append(twin)
+    else:
+        shell.key_cache, shell.value_cache = [t[0] for t in tensors], [t[1] for t in tensors]
+    return shell
 
 
 def fill(target: Any, source: Any) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -38,19 +38,13 @@ def builds_for(rows: int) -> tuple:
 _counter = itertools.count()
 
 
-class DecodeStep:
-    """The decode forward of one (batch, cache length), compiled by Inductor on its first call. Once built,
-    calls run in run-only mode (``torch._dynamo.run``, thread-local): inputs the verified graph's guards do not
-    cover run eagerly, never a new, unverified graph. Concurrent calls are fine: each brings its own cache."""
+class Step:
+    """What the runner asks of a decode step, compiled here or loaded from a package: calls counted, the
+    call's clock told when the first step starts, ``built`` once verified graphs serve."""
 
-    def __init__(self, model: nn.Module, how: str, options: dict) -> None:
-        # A fresh code object per graph, so each owns its dynamo cache and dropping it frees the graph.
-        namespace: dict[str, Any] = {}
-        source = "def decode_step(*args, **kwargs):\n    return model(*args, **kwargs)\n"
-        exec(compile(source, f"<cpuboost-decode-{next(_counter)}>", "exec"), {"model": model}, namespace)
-        self._compiled = torch.compile(namespace["decode_step"], backend="inductor", dynamic=False)
-        self._run_only = torch._dynamo.run(namespace["decode_step"])
-        self.how, self._options, self.calls, self.built = how, options, 0, False
+    def __init__(self, how: str) -> None:
+        self.how, self.calls, self.built = how, 0, False
+        self.example: Optional[dict] = None  # the first call's keywords, until the step is packaged or serves
         self._timing = threading.local()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -58,22 +52,46 @@ class DecodeStep:
             if hasattr(value, "layers") or hasattr(value, "key_cache"):
                 unmark_static(value)
         self.calls += 1
+        if self.example is None and not self.built:
+            self.example = dict(kwargs)
         clock = self._timing.__dict__.get("clock")
         if clock is not None and clock.first_step is None:
             clock.first_step = time.perf_counter()
         if clock is not None:
             clock.steps += 1
+        return self._run(*args, **kwargs)
+
+    def _run(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def timed(self, clock: "CallClock") -> "_Timed":
+        return _Timed(self._timing, clock)
+
+
+class DecodeStep(Step):
+    """The decode forward of one (batch, cache length), compiled by Inductor on its first call. Once built,
+    calls run in run-only mode (``torch._dynamo.run``, thread-local): inputs the verified graph's guards do not
+    cover run eagerly, never a new, unverified graph. Concurrent calls are fine: each brings its own cache."""
+
+    def __init__(self, model: nn.Module, how: str, options: dict) -> None:
+        super().__init__(how)
+        # A fresh code object per graph, so each owns its dynamo cache and dropping it frees the graph.
+        namespace: dict[str, Any] = {}
+        source = "def decode_step(*args, **kwargs):\n    return model(*args, **kwargs)\n"
+        exec(compile(source, f"<cpuboost-decode-{next(_counter)}>", "exec"), {"model": model}, namespace)
+        self._compiled = torch.compile(namespace["decode_step"], backend="inductor", dynamic=False)
+        self._run_only = torch._dynamo.run(namespace["decode_step"])
+        self.options = options
+
+    def _run(self, *args: Any, **kwargs: Any) -> Any:
         if self.built:
             return self._run_only(*args, **kwargs)
         import torch._inductor.config as inductor_config
 
         from ..backends.inductor import config_lock
 
-        with config_lock(), inductor_config.patch(self._options):  # as every Inductor build: no other compile under it
+        with config_lock(), inductor_config.patch(self.options):  # as every Inductor build: no other compile under it
             return self._compiled(*args, **kwargs)
-
-    def timed(self, clock: "CallClock") -> "_Timed":
-        return _Timed(self._timing, clock)
 
 
 class CallClock:

@@ -19,7 +19,7 @@ from torch import nn
 
 from .cache import CachePool, cache_refusal
 from .copies import cast_matmul_weights, math_attention, prefill_on, shared_copy, weight_bytes_per_token
-from .decode import CallClock, DecodeStep, builds_for
+from .decode import CallClock, DecodeStep, Step, builds_for
 from .persisted import PersistedDecisions
 from .judge import judge
 from .rope import table_rotary_embeddings
@@ -125,7 +125,7 @@ class GenerationRunner:
         if why is None:
             bucket = call.bucket(self.max_cache_len)  # raises before anything runs
             step = self._step_for(copies, call, bucket)
-            if isinstance(step, DecodeStep):
+            if isinstance(step, Step):
                 return self._run_static(copies, step, call.batch, bucket, args, kwargs)
             why = step
         self._note_once(f"generate: eager private copy ({self.act_dtype}), dynamic cache: {why}")
@@ -136,7 +136,7 @@ class GenerationRunner:
         """Route per (batch, cache bucket): 'compiled' or the reason it runs eagerly (times: ``last_call``)."""
         if self.reason is not None:
             return {"route": "eager (original)", "reason": self.reason}
-        return {f"batch {b}, cache {n}": ("compiled" if isinstance(s, DecodeStep) else s)
+        return {f"batch {b}, cache {n}": ("compiled" if isinstance(s, Step) else s)
                 for (b, n), s in dict(self._copies.steps).items()}
 
     # -- internals ----------------------------------------------------------------------------------
@@ -174,18 +174,24 @@ class GenerationRunner:
         still verified). Only wins are written: a refusal measured on a busy machine is not made permanent."""
         found = self._persist.lookup(call.batch, bucket, self._note) if self._persist is not None else None
         if found is None:
-            return self._build(copies, call, bucket)
+            step = self._build(copies, call, bucket)
+            if isinstance(step, Step):
+                step.example = None  # holds a pool cache; only packaging needs it
+            return step
         won_before = (found.decision or {}).get("rung") == "compiled"
         with found.building():  # releases the entry's lock if the build raises
-            step = self._build(copies, call, bucket, race=not won_before)
-        if isinstance(step, DecodeStep):
-            self._persist.remember(found)
+            packaged = self._persist.packaged(found, copies.decode, self._note) if won_before else None
+            step = self._build(copies, call, bucket, race=not won_before, packaged=packaged)
+        if isinstance(step, Step):
+            self._persist.remember(found, step, copies, self.act_dtype, self._note)
         else:
             found.release()
         return step
 
-    def _build(self, copies: _Copies, call: CallPlan, bucket: int, race: bool = True) -> Any:
-        """Compile, verify and time the decode graph for this key on this call's prompt; else the reason."""
+    def _build(self, copies: _Copies, call: CallPlan, bucket: int, race: bool = True,
+               packaged: Optional[Step] = None) -> Any:
+        """Compile (or load: ``packaged``), verify and time the decode graph for this key on this call's prompt;
+        else the reason."""
         started, probe, where = time.perf_counter(), call.probe(PROBE_STEPS), f"batch {call.batch}, cache {bucket}"
         ref, yard = self._eager_fp32(copies, **probe), None
         if self.low_precision:
@@ -193,8 +199,8 @@ class GenerationRunner:
                 yard = copies.yard.generate(**probe)
         failures = []
         with self._build_lock:
-            for how, options in builds_for(call.batch):
-                step = DecodeStep(copies.decode, how, options)
+            for how, options in ([(packaged.how, None)] if packaged is not None else []) + list(builds_for(call.batch)):
+                step = packaged if options is None else DecodeStep(copies.decode, how, options)
                 try:
                     out = self._run_static(copies, step, call.batch, bucket, (), probe)
                     break
@@ -209,6 +215,10 @@ class GenerationRunner:
             self._warn(f"generate: no decode graph for {where}: transformers never called get_compiled_call")
             return "decode graph never called by transformers' generate loop"
         ok, verdict = judge(ref, yard, out, self.low_precision)
+        if not ok and step is packaged:
+            self._note(f"generate: packaged decode step for {where} failed verification ({verdict}); compiled again")
+            self._persist.forget(step)
+            return self._build(copies, call, bucket, race)
         if not ok:
             return self._refuse(where, f"failed verification: {verdict}")
         step.built = True
@@ -216,8 +226,9 @@ class GenerationRunner:
         if not faster:
             return self._refuse(where, f"measured slower than eager fp32 ({timing})")
         earlier = f" (after {'; '.join(failures)})" if failures else ""
-        self._note(f"generate: decode graph ({step.how}{earlier}) for {where} built in {seconds:.1f} s; "
-                   f"{verdict}; {timing}")
+        done = "loaded" if step is packaged else "built"
+        self._note(f"generate: decode graph ({step.how}{earlier}) for {where} {done} in {seconds:.1f} s; {verdict}; "
+                   f"{timing}")
         return step
 
     def _refuse(self, where: str, why: str) -> str:

@@ -55,17 +55,31 @@ def compile_package(exported: Any, package_path: str, configs: dict) -> None:
 
 
 def _in_child(exported: Any, package_path: str, configs: dict) -> None:
-    package = Path(package_path)
-    program = package.with_name(f"{package.stem}.exported.pt2")
+    program = save_program(exported, package_path)
     try:
-        with warnings.catch_warnings():  # weights sharing one storage (tied embeddings): saved once, as wanted
-            warnings.filterwarnings("ignore", message="No complete tensor found in the group")
-            torch.export.save(exported, str(program))
-        proc = subprocess.run([sys.executable, "-c", _CHILD, str(program), str(package), json.dumps(configs),
-                               str(torch.get_num_threads())], capture_output=True, text=True, check=False,
-                              stdin=subprocess.DEVNULL, env=dict(os.environ))
+        compile_saved(program, package_path, configs)
     finally:
         program.unlink(missing_ok=True)
+
+
+def save_program(exported: Any, package_path: str) -> Path:
+    """The exported program written beside the package-to-be, for ``compile_saved``."""
+    package = Path(package_path)
+    program = package.with_name(f"{package.stem}.exported.pt2")
+    with warnings.catch_warnings():  # weights sharing one storage (tied embeddings): saved once, as wanted
+        warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+        torch.export.save(exported, str(program))
+    return program
+
+
+def compile_saved(program: Path, package_path: str, configs: dict, *, nice: int = 0) -> None:
+    """Compile a saved program in a child process (``nice``: its scheduling priority lowered by that much,
+    for a compile in the background of a process that is serving). Raises ``ChildCompileError``."""
+    package = Path(package_path)
+    lower = (lambda: os.nice(nice)) if nice else None
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(program), str(package), json.dumps(configs),
+                           str(torch.get_num_threads())], capture_output=True, text=True, check=False,
+                          stdin=subprocess.DEVNULL, env=dict(os.environ), preexec_fn=lower)
     if proc.returncode != 0 or not package.is_file() or package.stat().st_size == 0:
         tail = [line for line in (proc.stderr or "").splitlines() if line.strip()][-1:] or ["no output"]
         raise ChildCompileError(f"exit {proc.returncode}: {tail[0][:300]}")
