@@ -257,11 +257,12 @@ def _wait_for_packages():
 
 
 @pytest.mark.slow
-def test_a_restart_loads_the_packaged_decode_step_and_a_damaged_one_is_compiled_again(llama, ids, tmp_path):
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_a_restart_loads_the_packaged_decode_step_and_a_damaged_one_is_compiled_again(llama, ids, tmp_path, dtype):
     """The decode step that served is packaged (AOTInductor, a child process) in the background; a restarted
     runner on the same cache loads it with no compile (the package reads the embedding table from the model,
-    so the package holds less than the weights), verifies it and answers eager's tokens. A package damaged on
-    disk is refused on its digest, removed and compiled again."""
+    so the package holds less than the weights), verifies it and answers the cold process's tokens (bf16:
+    eager autocast's). A package damaged on disk is refused on its digest, removed and compiled again."""
     import json
 
     from cpuboost.generation.decode import DecodeStep
@@ -271,14 +272,17 @@ def test_a_restart_loads_the_packaged_decode_step_and_a_damaged_one_is_compiled_
     from cpuboost.persist.warm import WarmStart
 
     def runner(notes):
-        warm = WarmStart(Options(dtype="bf16", cache_dir=str(tmp_path)), [])
-        return GenerationRunner(llama, torch.bfloat16, notes.append, race=False,
-                                persist=PersistedDecisions(warm, llama))
+        warm = WarmStart(Options(dtype=dtype, cache_dir=str(tmp_path)), [])
+        return GenerationRunner(llama, {"bf16": torch.bfloat16, "int8": torch.int8}[dtype], notes.append,
+                                race=False, persist=PersistedDecisions(warm, llama))
 
     expected = _eager(llama, ids, dtype=torch.bfloat16, max_new_tokens=10, do_sample=False)
     first, second, third = [], [], []
     cold = runner(first)
-    assert torch.equal(cold.generate(ids, max_new_tokens=10, do_sample=False), expected)
+    served = cold.generate(ids, max_new_tokens=10, do_sample=False)
+    if dtype == "int8":
+        expected = served
+    assert torch.equal(served, expected)
     assert isinstance(cold._copies.steps[1, 128], DecodeStep), first
     _wait_for_packages()
     assert any("decode step packaged for restarts" in n for n in first), first
@@ -294,6 +298,8 @@ def test_a_restart_loads_the_packaged_decode_step_and_a_damaged_one_is_compiled_
     assert any("AOTInductor package from the persistent cache, no compile" in n and "loaded in" in n
                for n in second), second
     assert not any("built in" in n for n in second), second
+    if dtype == "int8":
+        return
 
     package = units[0].with_name("decode.pt2")
     data = bytearray(package.read_bytes())

@@ -16,7 +16,7 @@ from .cache import unmark_static
 # Inductor settings per build attempt, best first. The C++ GEMM template (the only GEMM backend: no benchmarking)
 # packs each frozen weight for its own micro-kernels: one-row matmuls 3.2x (bf16) / 1.9x (fp32) faster than the
 # oneDNN/MKL calls of plain freezing; generate() 1.6x -> 2.6x over eager fp32 (bf16, 1 thread, this machine).
-# It also takes weight-only int8 (torchao's, lowered to _weight_int8pack_mm): 2.0x plain freezing here.
+# It also takes weight-only int8 (aten's _weight_int8pack_mm, the scale as its epilogue): 2.0x plain freezing here.
 BUILDS = (("freezing + C++ GEMM template", {"freezing": True, "max_autotune": True,
                                              "max_autotune_gemm_backends": "CPP"}),
           ("freezing", {"freezing": True}))
@@ -88,9 +88,10 @@ class DecodeStep(Step):
             return self._run_only(*args, **kwargs)
         import torch._inductor.config as inductor_config
 
-        from ..backends.inductor import config_lock
+        from ..backends.inductor import config_lock, templates_parsed_once
 
-        with config_lock(), inductor_config.patch(self.options):  # as every Inductor build: no other compile under it
+        # as every Inductor build: no other compile under the patch
+        with config_lock(), inductor_config.patch(self.options), templates_parsed_once():
             return self._compiled(*args, **kwargs)
 
 

@@ -30,6 +30,13 @@ import torch
 program, package, configs, threads = sys.argv[1:5]
 torch.set_num_threads(int(threads))  # Inductor sizes its parallel loops by this: the same code as in-process
 from torch import _inductor
+try:  # each GEMM template's jinja source parsed once, not per GEMM (cpuboost.backends.inductor.templates_parsed_once)
+    import functools
+    from torch._inductor.codegen.common import KernelTemplate
+    _parse = KernelTemplate.__dict__["_template_from_string"].__func__
+    KernelTemplate._template_from_string = staticmethod(functools.lru_cache(maxsize=None)(_parse))
+except Exception:
+    pass
 with torch.no_grad():  # freezing (weight prepacking, constant folding) applies only without grad
     _inductor.aoti_compile_and_package(torch.export.load(program), package_path=package,
                                        inductor_configs=json.loads(configs))
