@@ -2,10 +2,10 @@
 bucket): the decision, and the winning step as an AOTInductor package, so a restarted process loads the step
 (seconds) and verifies it, with no compile and no race.
 
-The package is compiled after the step first serves, in a child process at a lower priority, while this
-process goes on generating with its in-process graph (Inductor's FX graph cache cannot keep that graph: its
-oneDNN-packed weights are unpicklable mkldnn tensors, so without the package every restart compiled again,
-30 s for a Qwen2-0.5B shape). The key's entry lock is held until the package is published, so another process
+The step is exported when it first serves (seconds); the program is then saved and compiled in the
+background, in a child process at a lower priority, while this process goes on generating with its in-process
+graph (Inductor's FX graph cache cannot keep that graph: its oneDNN-packed weights are unpicklable mkldnn
+tensors, so without the package every restart compiled again, 30-50 s for a Qwen2-0.5B shape). The key's entry lock is held until the package is published, so another process
 starting meanwhile waits for it instead of compiling the same step; at interpreter exit a compile under way
 is waited for (logged), since a short script would otherwise never leave one."""
 from __future__ import annotations
