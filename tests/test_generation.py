@@ -264,6 +264,7 @@ def test_a_restart_loads_the_packaged_decode_step_and_a_damaged_one_is_compiled_
     so the package holds less than the weights), verifies it and answers the cold process's tokens (bf16:
     eager autocast's). A package damaged on disk is refused on its digest, removed and compiled again."""
     import json
+    import threading
 
     from cpuboost.generation.decode import DecodeStep
     from cpuboost.generation.packaged import PackagedDecode
@@ -279,7 +280,19 @@ def test_a_restart_loads_the_packaged_decode_step_and_a_damaged_one_is_compiled_
     expected = _eager(llama, ids, dtype=torch.bfloat16, max_new_tokens=10, do_sample=False)
     first, second, third = [], [], []
     cold = runner(first)
-    served = cold.generate(ids, max_new_tokens=10, do_sample=False)
+
+    class Watch:  # transformers' streamer: called on every token of the served call, after the build
+        seen = []
+
+        def put(self, value):
+            self.seen.append(any(t.name == "cpuboost build: decode package" and t.is_alive()
+                                 for t in threading.enumerate()))
+
+        def end(self):
+            pass
+
+    served = cold.generate(ids, max_new_tokens=10, do_sample=False, streamer=Watch())
+    assert len(Watch.seen) >= 10 and not any(Watch.seen), "the package compile overlapped the call that built it"
     if dtype == "int8":
         expected = served
     assert torch.equal(served, expected)
