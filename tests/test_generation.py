@@ -223,6 +223,28 @@ def test_a_batch_past_the_templates_rows_autotunes_its_gemms_and_stays_exact(lla
 
 
 @pytest.mark.slow
+def test_int8_past_the_templates_rows_is_timed_against_the_bf16_copy_and_the_faster_serves(llama):
+    """Weight-only int8 at more rows than the GEMM template's: the bf16 copy's decode graph is built and verified
+    too, both are timed in turn, and the one the note names serves (bf16 only when >10% faster)."""
+    from cpuboost.generation import decode
+
+    notes = []
+    runner = GenerationRunner(llama, torch.int8, notes.append)
+    batch = decode.TEMPLATE_ROWS + 2
+    ids = torch.randint(0, 128, (batch, PROMPT), generator=torch.Generator().manual_seed(3))
+    out = runner.generate(ids, max_new_tokens=8, do_sample=False)
+    step, copies = runner._copies.steps[batch, 128], runner._copies
+    assert isinstance(step, decode.DecodeStep), notes
+    bf16 = [n for n in notes if "the bf16 decode copy serves" in n]
+    int8 = [n for n in notes if "weight-only int8 serves" in n]
+    assert len(bf16) + len(int8) == 1 and "median of 3 rounds" in (bf16 + int8)[0], notes
+    assert step.model is (copies.static if bf16 else copies.decode)
+    assert out.shape == (batch, PROMPT + 8)
+    if bf16:  # the bf16 graph was verified against eager fp32 with autocast's own error as its bound
+        assert "logits rel err vs fp32" in bf16[0]
+
+
+@pytest.mark.slow
 def test_a_decode_graph_that_won_is_persisted_and_a_restart_skips_the_race(llama, ids, tmp_path):
     """With a persistent cache, a decode graph that served is written as the key's decision; a new runner on the
     same cache (a restarted process) still verifies its graph but runs no race, and answers eager's tokens."""

@@ -81,7 +81,7 @@ class DecodeStep(Step):
         exec(compile(source, f"<cpuboost-decode-{next(_counter)}>", "exec"), {"model": model}, namespace)
         self._compiled = torch.compile(namespace["decode_step"], backend="inductor", dynamic=False)
         self._run_only = torch._dynamo.run(namespace["decode_step"])
-        self.options = options
+        self.model, self.options = model, options
 
     def _run(self, *args: Any, **kwargs: Any) -> Any:
         if self.built:

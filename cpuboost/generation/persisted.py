@@ -84,7 +84,7 @@ class PersistedDecisions:
         from .packaged import export_step
 
         try:
-            exported = export_step(copies.decode, example, copies.cache_arg, dtype)
+            exported = export_step(getattr(step, "model", copies.decode), example, copies.cache_arg, dtype)
         except Exception as exc:  # noqa: BLE001 - a step that does not export still serves; restarts compile it
             note(f"generate: decode step not packaged for restarts ({type(exc).__name__}: "
                  f"{(str(exc) or '-').splitlines()[0][:200]}); a restarted process compiles it again")

@@ -19,7 +19,7 @@ from torch import nn
 
 from .cache import CachePool, cache_refusal
 from .copies import cast_matmul_weights, math_attention, prefill_on, shared_copy, weight_bytes_per_token
-from .decode import CallClock, DecodeStep, Step, builds_for
+from .decode import TEMPLATE_ROWS, CallClock, DecodeStep, Step, builds_for
 from .persisted import PersistedDecisions
 from .judge import judge
 from .rope import table_rotary_embeddings
@@ -236,7 +236,49 @@ class GenerationRunner:
         done = "loaded" if step is packaged else "built"
         self._note(f"generate: decode graph ({step.how}{earlier}) for {where} {done} in {seconds:.1f} s; {verdict}; "
                    f"{timing}")
+        if race and self._race_enabled and copies.kind is not None and call.batch > TEMPLATE_ROWS:
+            return self._versus_bf16(copies, call, bucket, probe, ref, step)
         return step
+
+    def _versus_bf16(self, copies: _Copies, call: CallPlan, bucket: int, probe: dict, ref: Any,
+                     quantized: Step) -> Step:
+        """Past the GEMM template's rows, weight-only kernels can be bound by converting each weight rather than
+        by reading it (this CPU, batch 8: int8 58.7 against bf16 32.8 ms a step), and the bf16 copy the prefill
+        runs on is there anyway: its decode graph is built and verified too, the two are timed in turn (three
+        rounds, median), and the bf16 one serves only if it is more than 10% faster."""
+        where, kind = f"batch {call.batch}, cache {bucket}", copies.kind
+        how, options = builds_for(call.batch)[0]
+        rival = DecodeStep(copies.static, f"{how}; bf16 weights", options)
+        try:
+            with torch.no_grad(), self._precision():
+                yard = copies.work.generate(**probe)  # eager autocast: bf16's own error
+            with self._build_lock:
+                out = self._run_static(copies, rival, call.batch, bucket, (), probe)
+        except Exception as exc:  # the quantized graph serves, as it would have
+            self._note(f"generate: {where}: bf16 rival not built ({type(exc).__name__}: "
+                       f"{(str(exc) or '-').splitlines()[0][:160]}); weight-only {kind} serves")
+            return quantized
+        ok, verdict = judge(ref, yard, out, True)
+        if not ok:
+            self._note(f"generate: {where}: bf16 rival failed verification ({verdict}); weight-only {kind} serves")
+            return quantized
+        rival.built = True
+        timing = dict(probe, max_new_tokens=8, min_new_tokens=8, output_logits=False, return_dict_in_generate=False)
+        ratios = []
+        for _ in range(3):
+            begin = time.perf_counter()
+            self._run_static(copies, quantized, call.batch, bucket, (), timing)
+            middle = time.perf_counter()
+            self._run_static(copies, rival, call.batch, bucket, (), timing)
+            ratios.append((middle - begin) / (time.perf_counter() - middle))
+        ratio = sorted(ratios)[1]  # weight-only time / bf16 time
+        if ratio > 1.1:
+            self._note(f"generate: {where}: the bf16 decode copy serves, {ratio:.2f}x the weight-only {kind} graph's "
+                       f"speed at this batch (median of 3 rounds; its kernels convert every weight); {verdict}")
+            return rival
+        self._note(f"generate: {where}: weight-only {kind} serves, {1 / ratio:.2f}x the bf16 copy's speed at this "
+                   "batch (median of 3 rounds)")
+        return quantized
 
     def _refuse(self, where: str, why: str) -> str:
         self._note(f"generate: decode graph for {where} not used: {why}")
