@@ -227,6 +227,7 @@ def test_int8_past_the_templates_rows_is_timed_against_the_bf16_copy_and_the_fas
     """Weight-only int8 at more rows than the GEMM template's: the bf16 copy's decode graph is built and verified
     too, both are timed in turn, and the one the note names serves (bf16 only when >10% faster)."""
     from cpuboost.generation import decode
+    from cpuboost.generation.copies import weight_bytes_per_token
 
     notes = []
     runner = GenerationRunner(llama, torch.int8, notes.append)
@@ -240,6 +241,8 @@ def test_int8_past_the_templates_rows_is_timed_against_the_bf16_copy_and_the_fas
     assert len(bf16) + len(int8) == 1 and "median of 3 rounds" in (bf16 + int8)[0], notes
     assert step.model is (copies.static if bf16 else copies.decode)
     assert out.shape == (batch, PROMPT + 8)
+    read = runner.last_call["weight_bytes_per_token"]  # what the serving copy reads: bf16 or int8 weights
+    assert read == (weight_bytes_per_token(copies.static) if bf16 else copies.bytes_per_token) and read > 0
     if bf16:  # the bf16 graph was verified against eager fp32 with autocast's own error as its bound
         assert "logits rel err vs fp32" in bf16[0]
 

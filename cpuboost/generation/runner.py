@@ -330,7 +330,9 @@ class GenerationRunner:
         finally:
             self._active.step = None
             copies.pool.give_back(batch, bucket, cache)
-        self.last_call = self._summary(clock, batch, copies.bytes_per_token)
+        model = getattr(step, "model", copies.decode)  # the bf16 rival of a weight-only copy reads bf16 weights
+        nbytes = copies.bytes_per_token if model is copies.decode else weight_bytes_per_token(model)
+        self.last_call = self._summary(clock, batch, nbytes)
         return out
 
     @staticmethod
