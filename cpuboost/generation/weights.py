@@ -53,16 +53,17 @@ class Int8Linear(WeightOnlyLinear):
 
     def __init__(self, linear: nn.Module) -> None:
         super().__init__(linear)
-        weight = linear.weight.detach().float()
-        scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)  # the kernel's dtype
-        self.register_buffer("qdata", torch.round(weight / scale.float()[:, None]).clamp(-128, 127).to(torch.int8))
+        weight = linear.weight.detach()
+        scale = (weight.abs().amax(dim=1).float() / 127).clamp(min=1e-12).to(torch.bfloat16)  # the kernel's dtype
+        codes = weight.float().div(scale.float()[:, None])  # one new tensor, then rounded and clipped in place
+        self.register_buffer("qdata", codes.round_().clamp_(-128, 127).to(torch.int8))
         self.register_buffer("scale", scale)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x, self.qdata, self.scale)
 
     def dequantized(self) -> torch.Tensor:
-        return self.qdata.float() * self.scale.float()[:, None]
+        return self.qdata.to(torch.bfloat16) * self.scale[:, None]  # codes are exact in bf16; one rounding
 
 
 class Int4Linear(WeightOnlyLinear):
