@@ -109,6 +109,7 @@ class _FlatDecode(nn.Module):
     def __init__(self, model: nn.Module, layout: dict, cache: Any, dtype: torch.dtype) -> None:
         super().__init__()
         self.model, self.layout, self.cache, self.dtype = model, layout, cache, dtype
+        self.seen: dict = {}  # filled while tracing (export refuses attributes created in forward)
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         kwargs, index = {}, 0
@@ -132,7 +133,7 @@ class _FlatDecode(nn.Module):
             kwargs["inputs_embeds"] = torch.func.functional_call(module, {"weight": tensors[index]}, (ids,))
         with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype != torch.float32):
             out = self.model(**kwargs)
-        self.output = (type(out).__module__, type(out).__qualname__, [k for k in out.keys() if k != "logits"])
+        self.seen["output"] = (type(out).__module__, type(out).__qualname__, [k for k in out.keys() if k != "logits"])
         return out.logits
 
 
@@ -157,7 +158,7 @@ def export_step(model: nn.Module, kwargs: dict, cache_arg: str, dtype: torch.dty
     flat_model = _FlatDecode(shared_copy(model), layout, kwargs[cache_arg], dtype).eval()
     with torch.no_grad():
         exported = torch.export.export(flat_model, tuple(flatten(layout, kwargs, table)), strict=False)
-    module, name, fields = flat_model.output
+    module, name, fields = flat_model.seen["output"]
     if not module.startswith("transformers.") or len(fields) > 1:
         raise UnpackableStep(f"the model answers {module}.{name} with {fields}: not logits and the cache")
     return ExportedStep(exported, layout, [module, name, fields[0] if fields else None], time.perf_counter() - began)
@@ -171,8 +172,12 @@ def compile_unit(step: ExportedStep, options: dict, unit: Path, *, nice: int = 0
     from ..persist.child import compile_saved, save_program
 
     began = time.perf_counter()
-    configs = {**options, "aot_inductor.package_constants_in_so": False,
-               "aot_inductor.package_constants_on_disk_format": "binary_blob"}
+    import torch._inductor.config as inductor_config
+
+    configs = dict(options)
+    if "aot_inductor.package_constants_on_disk_format" in inductor_config.get_config_copy():  # torch >= 2.9
+        configs.update({"aot_inductor.package_constants_in_so": False,
+                        "aot_inductor.package_constants_on_disk_format": "binary_blob"})
     program = save_program(step.program, str(unit / "decode.pt2"))
     step.program = None  # the weights it holds go as soon as they are written
     try:
