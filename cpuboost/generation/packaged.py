@@ -109,7 +109,6 @@ class _FlatDecode(nn.Module):
     def __init__(self, model: nn.Module, layout: dict, cache: Any, dtype: torch.dtype) -> None:
         super().__init__()
         self.model, self.layout, self.cache, self.dtype = model, layout, cache, dtype
-        self.seen: dict = {}  # filled while tracing (export refuses attributes created in forward)
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         kwargs, index = {}, 0
@@ -133,7 +132,7 @@ class _FlatDecode(nn.Module):
             kwargs["inputs_embeds"] = torch.func.functional_call(module, {"weight": tensors[index]}, (ids,))
         with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype != torch.float32):
             out = self.model(**kwargs)
-        self.seen["output"] = (type(out).__module__, type(out).__qualname__, [k for k in out.keys() if k != "logits"])
+        self.output = (type(out).__module__, type(out).__qualname__, [k for k in out.keys() if k != "logits"])
         return out.logits
 
 
@@ -158,7 +157,7 @@ def export_step(model: nn.Module, kwargs: dict, cache_arg: str, dtype: torch.dty
     flat_model = _FlatDecode(shared_copy(model), layout, kwargs[cache_arg], dtype).eval()
     with torch.no_grad():
         exported = torch.export.export(flat_model, tuple(flatten(layout, kwargs, table)), strict=False)
-    module, name, fields = flat_model.seen["output"]
+    module, name, fields = flat_model.output
     if not module.startswith("transformers.") or len(fields) > 1:
         raise UnpackableStep(f"the model answers {module}.{name} with {fields}: not logits and the cache")
     return ExportedStep(exported, layout, [module, name, fields[0] if fields else None], time.perf_counter() - began)

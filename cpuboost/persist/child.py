@@ -35,8 +35,8 @@ try:  # each GEMM template's jinja source parsed once, not per GEMM (cpuboost.ba
     from torch._inductor.codegen.common import KernelTemplate
     _parse = KernelTemplate.__dict__["_template_from_string"].__func__
     KernelTemplate._template_from_string = staticmethod(functools.lru_cache(maxsize=None)(_parse))
-except Exception:
-    pass
+except Exception as exc:  # another torch: templates parsed per use, as Inductor does; said on stderr
+    print(f"cpuboost: GEMM templates parsed per use ({type(exc).__name__}: {exc})", file=sys.stderr)
 with torch.no_grad():  # freezing (weight prepacking, constant folding) applies only without grad
     _inductor.aoti_compile_and_package(torch.export.load(program), package_path=package,
                                        inductor_configs=json.loads(configs))
