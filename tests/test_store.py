@@ -206,6 +206,24 @@ class _Net(nn.Module):
         return self.conv(x) * self.scale[:, None, None]
 
 
+def test_a_tied_weight_is_hashed_once_and_still_counts():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = torch.nn.Embedding(64, 8), torch.nn.Linear(8, 64, bias=False)
+            self.head.weight = self.embed.weight
+
+    tied, untied = Tied(), Tied()
+    untied.head.weight = torch.nn.Parameter(untied.embed.weight.detach().clone())
+    untied.embed.weight.data.copy_(tied.embed.weight.data)
+    untied.head.weight.data.copy_(tied.embed.weight.data)
+    assert st.weights_digest(tied) != st.weights_digest(untied)  # same values, but one table is two here
+    before = st.weights_digest(tied)
+    with torch.no_grad():
+        tied.head.weight[3, 1] += 1.0  # an edit through the second name changes the digest as well
+    assert st.weights_digest(tied) != before
+
+
 def test_fingerprints_separate_structure_from_weights():
     a, b = _Net(), _Net()
     assert st.model_fingerprint(a) == st.model_fingerprint(b)

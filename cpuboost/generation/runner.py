@@ -27,6 +27,7 @@ from .route import CallPlan, can_route
 from .weights import fake_quantized, quantize_matmul_weights, unavailable
 
 PROBE_STEPS = 8  # greedy steps compared with eager fp32 per build (logits per step, token agreement)
+LOADED_PROBE_STEPS = 4  # ... per package loaded: bytes equal to what passed 8 steps when built (its digest)
 DECISIVE = 0.5  # a first race round this far under eager fp32's time decides it
 _QUANTIZED = {torch.int8: "int8"}
 if hasattr(torch, "int4"):
@@ -199,7 +200,8 @@ class GenerationRunner:
                packaged: Optional[Step] = None) -> Any:
         """Compile (or load: ``packaged``), verify and time the decode graph for this key on this call's prompt;
         else the reason."""
-        started, probe, where = time.perf_counter(), call.probe(PROBE_STEPS), f"batch {call.batch}, cache {bucket}"
+        steps = PROBE_STEPS if packaged is None else LOADED_PROBE_STEPS
+        started, probe, where = time.perf_counter(), call.probe(steps), f"batch {call.batch}, cache {bucket}"
         ref, yard = self._eager_fp32(copies, **probe), None
         if self.low_precision:
             with torch.no_grad(), self._precision():

@@ -121,11 +121,14 @@ def weights_digest(model: nn.Module, threads: int = 0) -> str:
     named = [(f"P|{n}", t) for n, t in model.named_parameters(remove_duplicate=False)]
     named += [(f"B|{n}", t) for n, t in model.named_buffers(remove_duplicate=False)]
     workers = threads or min(4, os.cpu_count() or 1)
+    first: dict = {}  # a tied tensor (an LM head sharing the embedding table) is read once, then named
+    for name, t in named:
+        first.setdefault(id(t), name)
 
     def one(item):
         name, t = item
         h = hashlib.sha256(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
-        h.update(_tensor_bytes(t))
+        h.update(_tensor_bytes(t) if first[id(t)] == name else f"same as {first[id(t)]}".encode())
         return h.digest()
 
     big = sum(t.numel() for _, t in named) > (1 << 20)
