@@ -252,3 +252,44 @@ def test_damaged_manifest_fields_are_format_errors(built, tmp_path):
         (copy / "manifest.json").write_text(json.dumps(broken))
         with pytest.raises(pkg.PackageFormatError):
             pkg.load_package(copy)
+
+
+class _Lookup(nn.Module):
+    """A 2 MiB embedding table (read as an input) beside a small one (held) and a matmul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table, self.small = nn.Embedding(8192, 64), nn.Embedding(16, 64)
+        self.proj = nn.Linear(64, 8)
+
+    def forward(self, ids):
+        return self.proj(self.table(ids) + self.small(ids % 16))
+
+
+def test_a_runtime_graph_reads_the_large_embedding_table_from_the_model_instead_of_holding_it(tmp_path):
+    import zipfile
+
+    from cpuboost.persist import aoti
+
+    torch.manual_seed(0)
+    model, ids = _Lookup().eval(), torch.randint(0, 8192, (2, 5))
+    graph, file = aoti.compile_aoti(model, (ids,), {}, "fp32", workdir=tmp_path, read_tables=True)
+    assert graph.meta["tables"] == [["table.weight", [8192, 64], "float32"]]  # not the 4 KiB one
+    held = sum(i.file_size for i in zipfile.ZipFile(file).infolist() if i.filename.endswith(".blob"))
+    assert held < 8192 * 64 * 4 / 8  # the table's 2 MiB are not in the package
+    with torch.no_grad():
+        torch.testing.assert_close(graph(ids), model(ids), rtol=1e-5, atol=1e-6)
+        loaded = aoti.load_graph(file, model=model)
+        torch.testing.assert_close(loaded(ids), model(ids), rtol=1e-5, atol=1e-6)
+        model.table.weight[ids[0, 0]] += 1.0  # the graph reads the model's table as it is now
+        torch.testing.assert_close(loaded(ids), model(ids), rtol=1e-5, atol=1e-6)
+    with pytest.raises(pkg.PackageFormatError, match="load it with the model"):
+        aoti.load_graph(file)
+    with pytest.raises(pkg.PackageFormatError, match="not the float32"):
+        aoti.load_graph(file, model=_resized())
+
+
+def _resized() -> nn.Module:
+    other = _Lookup()
+    other.table = nn.Embedding(100, 64)
+    return other

@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from . import child, dims, trust, units
+from . import child, dims, tables, trust, units
 from .errors import PackageFormatError, PackageMismatchError, UnsafeLocationError
 from .keys import machine_fingerprint
 from .treespec import _classes, _collect_tensor_specs, _rebuild, _strip_strides, describe_tree
@@ -52,21 +52,21 @@ class _FlatRunner(nn.Module):
     """The model under the dtype's autocast, taking the call's tensors flat and returning output tensors
     flat, each cast to the dtype eager fp32 gives (in the graph, so the cast fuses into the last kernel)."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, in_spec: dict, out_dtypes: list) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype, in_spec: dict, out_dtypes: list,
+                 table_names: tuple = ()) -> None:
         super().__init__()
         self.model = model
         self.dtype = dtype
         self.in_spec = in_spec
         self.out_dtypes = out_dtypes
+        self.table_names = list(table_names)  # the last inputs: embedding tables read from the live model
 
     def forward(self, *tensors: torch.Tensor) -> tuple:
-        args, kwargs = _rebuild(self.in_spec, tensors, [0], {})
-        if self.dtype == torch.float32:
-            with torch.autocast("cpu", enabled=False):
-                out = self.model(*args, **kwargs)
-        else:
-            with torch.autocast("cpu", dtype=self.dtype):
-                out = self.model(*args, **kwargs)
+        count = len(tensors) - len(self.table_names)
+        args, kwargs = _rebuild(self.in_spec, tensors[:count], [0], {})
+        state = dict(zip(self.table_names, tensors[count:]))
+        with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype != torch.float32):
+            out = torch.func.functional_call(self.model, state, args, kwargs) if state else self.model(*args, **kwargs)
         leaves: list = []
         describe_tree(out, leaves, inputs=False)
         return tuple(t.to(d) if t.dtype != d else t for t, d in zip(leaves, self.out_dtypes))
@@ -164,7 +164,7 @@ def check_requirements(needs: dict) -> None:
 def compile_aoti(module: nn.Module, args: tuple, kwargs: dict, dtype: Union[str, torch.dtype], *,
                  workdir: Union[str, os.PathLike, None] = None, name: str = "graph", march: Optional[str] = None,
                  reference: Any = None, extra_meta: Optional[dict] = None,
-                 dynamic_dims: dims.DynamicDims = None) -> tuple["PackagedGraph", Path]:
+                 dynamic_dims: dims.DynamicDims = None, read_tables: bool = False) -> tuple["PackagedGraph", Path]:
     """Export ``module`` for this signature, compile it with AOTInductor (freezing) and load it.
 
     Returns the loaded graph (a callable answering in eager's output structure and dtypes) and the path of
@@ -176,6 +176,8 @@ def compile_aoti(module: nn.Module, args: tuple, kwargs: dict, dtype: Union[str,
     whatever torch.export or Inductor raise: a model that does not export (data-dependent Python control
     flow) falls back to torch.compile in the caller. ``dynamic_dims`` (input -> dims): one graph for every size
     of those dims that export keeps symbolic; they and their ranges are recorded, and a call outside them raises.
+    ``read_tables``: the graph reads the model's large embedding tables as inputs instead of holding copies
+    (``tables``); loading it then needs the model.
     """
     dtype = _dtype(dtype)
     leaves: list = []
@@ -188,14 +190,16 @@ def compile_aoti(module: nn.Module, args: tuple, kwargs: dict, dtype: Union[str,
     out_leaves: list = []
     out_spec = describe_tree(reference, out_leaves, inputs=False)
     out_dtypes = [t.dtype for t in out_leaves]
-    flat = _FlatRunner(module, dtype, in_spec, out_dtypes).eval()
+    table_names = tables.input_tables(module) if read_tables else []
+    flat = _FlatRunner(module, dtype, in_spec, out_dtypes, table_names).eval()
     folder = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="cpuboost-aoti-"))
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
     with torch.no_grad(), _eval_mode(module):  # freezing applies only without grad
-        exported = torch.export.export(flat, tuple(leaves), strict=False,
-                                       dynamic_shapes=dims.export_shapes(leaves, wanted) if wanted else None)
+        shapes = ((dims.export_shapes(leaves, wanted)[0] + (None,) * len(table_names),) if wanted else None)
+        exported = torch.export.export(flat, tuple(leaves + tables.tensors(module, table_names)), strict=False,
+                                       dynamic_shapes=shapes)
         ranges = dims.exported_ranges(exported) if wanted else {}
         exported_s = time.perf_counter() - started
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".pt2")
@@ -223,13 +227,14 @@ def compile_aoti(module: nn.Module, args: tuple, kwargs: dict, dtype: Union[str,
     meta = {"format": FORMAT, "version": VERSION, "dtype": str(dtype).replace("torch.", ""), "inputs": in_spec,
             "output": out_spec, "needs": requirements(march), "bytes": final.stat().st_size,
             "files": {final.name: {"sha256": units.sha256_file(final), "bytes": final.stat().st_size}},
-            "export_s": round(exported_s, 2), "compile_s": round(time.perf_counter() - started, 2), **(extra_meta or {})}
+            "export_s": round(exported_s, 2), "compile_s": round(time.perf_counter() - started, 2),
+            "tables": tables.spec(module, table_names), **(extra_meta or {})}
     if wanted:  # what was asked (a warm start compares it) and what export kept symbolic (every call is checked)
         meta.update(dynamic_request={str(w): list(d) for w, d in dynamic_dims.items()}, dynamic=ranges)
     _drop_inductor_copy(final)
     units.atomic_write(folder / f"{name}.json", json.dumps(meta, indent=1).encode())
     log.info("cpuboost: AOTInductor graph %s in %.1f s (export %.1f s)", final, meta["compile_s"], exported_s)
-    graph = PackagedGraph(final, meta)
+    graph = PackagedGraph(final, meta, model=module)
     if workdir is None:  # nobody else owns the folder: it goes with the graph (the loader has its own copy)
         weakref.finalize(graph, shutil.rmtree, str(folder), True)
     return graph, final
@@ -261,9 +266,10 @@ class PackagedGraph:
 
     cache_unit: Optional[Path] = None  # the persistent-cache folder it was loaded from (see ``forget_cached``)
 
-    def __init__(self, path: Path, meta: dict, output_types: str = "auto") -> None:
+    def __init__(self, path: Path, meta: dict, output_types: str = "auto", model: Optional[nn.Module] = None) -> None:
         self.path = Path(path)
         self.meta = meta
+        self._tables = tables.bind(model, meta.get("tables") or [])
         self._tensor_specs = []
         try:
             _collect_tensor_specs(meta["inputs"], self._tensor_specs)
@@ -303,7 +309,7 @@ class PackagedGraph:
         return flat
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        flat = self._flat_inputs(args, kwargs)
+        flat = self._flat_inputs(args, kwargs) + [getattr(sub, attr).detach() for sub, attr in self._tables]
         with torch.no_grad():
             outs = self._loader.run(flat)
         return _rebuild(self.meta["output"], list(outs), [0], self._classes)
@@ -316,11 +322,12 @@ class PackagedGraph:
 
 
 def load_graph(path: Union[str, os.PathLike], *, output_types: str = "auto", check: bool = True,
-               root: Union[str, os.PathLike, None] = None) -> PackagedGraph:
+               root: Union[str, os.PathLike, None] = None, model: Optional[nn.Module] = None) -> PackagedGraph:
     """A graph written by ``compile_aoti`` (its ``.pt2`` path), checked and loaded. Before its code is
     loaded: the folders from it up to ``root`` (default: its own folder) and above are private
     (``UnsafeLocationError``), its record is whole and of this version and its SHA-256 matches
-    (``PackageFormatError``), this machine has what it needs (``PackageMismatchError``)."""
+    (``PackageFormatError``), this machine has what it needs (``PackageMismatchError``). ``model``: the one
+    whose embedding tables the graph reads, if it was built with ``read_tables``."""
     path = Path(path)
     if not path.is_file():
         raise PackageFormatError(f"{path} is missing: not a cpuboost graph (or an incomplete copy)")
@@ -337,7 +344,7 @@ def load_graph(path: Union[str, os.PathLike], *, output_types: str = "auto", che
     units.check_files(path.parent, {path.name: files[path.name]}, str(path.parent))
     if check:
         check_requirements(meta["needs"])
-    return PackagedGraph(path, meta, output_types)
+    return PackagedGraph(path, meta, output_types, model=model)
 
 
 def update_meta(graph: PackagedGraph, **fields: Any) -> None:

@@ -36,16 +36,21 @@ def save(optimized: Any, path: str | Path) -> Path:
     options = optimized._options
     dtype = options.dtype if options.dtype != torch.int8 else torch.float32
     extra = {"model": type(optimized._original).__name__, "options": options.describe()}
-    built = [entry.fn.path for entry, _ in examples if isinstance(entry.fn, package.PackagedGraph)]
+    # a runtime graph that reads the model's embedding tables (persist.tables) cannot travel without the model:
+    # the package compiles that signature again, holding them (the same program: the same answers)
+    built = [entry.fn.path for entry, _ in examples
+             if isinstance(entry.fn, package.PackagedGraph) and not entry.fn.meta.get("tables")]
     if len(built) == len(examples):
         return package.pack_graphs(built, path, extra)
     others = [f"[{entry.record.signature}] served by {entry.record.path} {entry.record.dtype}".rstrip()
               for entry, _ in examples if not isinstance(entry.fn, package.PackagedGraph)]
-    warnings.warn(f"cpuboost.save(): {'; '.join(others)} at runtime, but a package holds AOTInductor graphs only: "
-                  f"the package gets an Inductor {dtype_name(dtype)} graph for those signatures instead, judged "
-                  "against eager fp32 by the runtime's rule. Its answers differ from the runtime's within that "
-                  "bound; keep the optimized model (and its cache) to serve exactly what was verified",
-                  PackagedPathWarning, stacklevel=3)
+    if others:
+        warnings.warn(f"cpuboost.save(): {'; '.join(others)} at runtime, but a package holds AOTInductor graphs "
+                      "only: "
+                      f"the package gets an Inductor {dtype_name(dtype)} graph for those signatures instead, "
+                      "judged against eager fp32 by the runtime's rule. Its answers differ from the runtime's within "
+                      "that bound; keep the optimized model (and its cache) to serve exactly what was verified",
+                      PackagedPathWarning, stacklevel=3)
     work = optimized._working_copy(*examples[0][1])
     return package.save_package(work, [example for _, example in examples], dtype, path, extra,
                                 judge=_runtime_rule(dtype, options.tolerance), reference_module=optimized._eval_model())

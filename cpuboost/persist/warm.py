@@ -185,7 +185,7 @@ def inductor_artifact(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.
     request = {str(w): list(d) for w, d in (dynamic_dims or {}).items()}
     if (unit / "graph.pt2").exists():
         try:
-            graph = package.load_graph(unit / "graph.pt2", root=folder)
+            graph = package.load_graph(unit / "graph.pt2", root=folder, model=model)
             if (graph.meta.get("dynamic_request") or {}) != request:
                 raise package.PackageFormatError(f"built for dynamic dims {graph.meta.get('dynamic_request')}, "
                                                  f"this build asks for {request or 'none'}")
@@ -197,7 +197,8 @@ def inductor_artifact(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.
             note(f"cached graph unusable ({exc}); compiled again")
     staging = units.stage(unit)
     try:
-        graph, _ = package.compile_aoti(model, args, kwargs, dtype, workdir=staging, dynamic_dims=dynamic_dims)
+        graph, _ = package.compile_aoti(model, args, kwargs, dtype, workdir=staging, dynamic_dims=dynamic_dims,
+                                        read_tables=True)
         units.publish(staging, unit)
     except BaseException:
         units.discard(staging)
