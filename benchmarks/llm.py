@@ -224,14 +224,15 @@ def _paths(model, names: list[str], threads: int) -> dict[str, Callable[[], tupl
     return {n: table[n] for n in names}
 
 
-def _first_calls(generate, shapes: list, new: int) -> dict:
-    """{(prompt, batch): (tokens, first call s)}: each shape's first call (its build) before any timing."""
+def _first_calls(generate, shapes: list, new: int, weight_bytes) -> dict:
+    """{(prompt, batch): (tokens, first call s, weight bytes a step read)}: each shape's first call (its build)
+    before any timing. The bytes are read per shape: a weight-only path may serve another copy at some batches."""
     done = {}
     for prompt, batch in shapes:
         ids = torch_randint(prompt, batch)
         started = time.perf_counter()
         tokens = generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-        done[prompt, batch] = tokens, time.perf_counter() - started
+        done[prompt, batch] = tokens, time.perf_counter() - started, weight_bytes()
     return done
 
 
@@ -282,16 +283,15 @@ def main() -> None:
         build_s = time.perf_counter() - started
         shapes = [(prompt, batch) for prompt in prompts for batch in batches]
         try:
-            firsts = _first_calls(generate, shapes, a.new)
+            firsts = _first_calls(generate, shapes, a.new, weight_bytes)
             timings = _timings(generate, shapes, a.new, a.rounds)
         except Exception as exc:
             print(f"{name}: skipped ({type(exc).__name__}: {str(exc)[:160]})", flush=True)
             continue
         for prompt, batch in shapes:
-            (tokens, first_call), (total, ttft) = firsts[prompt, batch], timings[prompt, batch]
+            (tokens, first_call, nbytes), (total, ttft) = firsts[prompt, batch], timings[prompt, batch]
             first_call, build_s = first_call + build_s, 0.0
             per_token = (total - ttft) / (a.new - 1)
-            nbytes = weight_bytes()
             gbs = nbytes / (per_token / 1e3) / 1e9
             prefill = 2 * matmul_params * prompt * batch / (ttft / 1e3) / 1e9
             if name == "eager_fp32":

@@ -88,10 +88,11 @@ class DecodeStep(Step):
             return self._run_only(*args, **kwargs)
         import torch._inductor.config as inductor_config
 
+        from ..backends.bf16_dot import bf16_dot_gemms
         from ..backends.inductor import config_lock, templates_parsed_once
 
         # as every Inductor build: no other compile under the patch
-        with config_lock(), inductor_config.patch(self.options), templates_parsed_once():
+        with config_lock(), inductor_config.patch(self.options), templates_parsed_once(), bf16_dot_gemms():
             return self._compiled(*args, **kwargs)
 
 

@@ -34,6 +34,14 @@ if hasattr(torch, "int4"):
     _QUANTIZED[torch.int4] = "int4"
 
 
+def _rival_rows() -> int:
+    """The batch from which a weight-only decode is raced against the bf16 copy's: 4 where bf16 GEMMs have
+    the dot-product kernel (backends/bf16_dot.py), else past the GEMM template's rows."""
+    from ..backends.bf16_dot import available
+
+    return 4 if available() else TEMPLATE_ROWS + 1
+
+
 class _Copies:
     """Everything one weights version runs on; ``refresh()`` replaces the whole object."""
 
@@ -238,16 +246,17 @@ class GenerationRunner:
         done = "loaded" if step is packaged else "built"
         self._note(f"generate: decode graph ({step.how}{earlier}) for {where} {done} in {seconds:.1f} s; {verdict}; "
                    f"{timing}")
-        if race and self._race_enabled and copies.kind is not None and call.batch > TEMPLATE_ROWS:
+        if race and self._race_enabled and copies.kind is not None and call.batch >= _rival_rows():
             return self._versus_bf16(copies, call, bucket, probe, ref, step)
         return step
 
     def _versus_bf16(self, copies: _Copies, call: CallPlan, bucket: int, probe: dict, ref: Any,
                      quantized: Step) -> Step:
-        """Past the GEMM template's rows, weight-only kernels can be bound by converting each weight rather than
-        by reading it (this CPU, batch 8: int8 58.7 against bf16 32.8 ms a step), and the bf16 copy the prefill
-        runs on is there anyway: its decode graph is built and verified too, the two are timed in turn (three
-        rounds, median), and the bf16 one serves only if it is more than 10% faster."""
+        """From a few rows on, weight-only kernels can be bound by converting each weight rather than by reading
+        it (this CPU, batch 8: int8 58.7 against bf16 32.8 ms a step; with the bf16 dot-product kernel, batch 4:
+        19.9 against 16.4), and the bf16 copy the prefill runs on is there anyway: its decode graph is built and
+        verified too, the two are timed in turn (three rounds, median), and the bf16 one serves only if it is
+        more than 10% faster."""
         where, kind = f"batch {call.batch}, cache {bucket}", copies.kind
         how, options = builds_for(call.batch)[0]
         rival = DecodeStep(copies.static, f"{how}; bf16 weights", options)
