@@ -10,7 +10,7 @@ from cpuboost.backends import bf16_dot
 from cpuboost.machine.hardware import detect
 
 pytestmark = [
-    pytest.mark.skipif(not bf16_dot.available(), reason="CPU without AVX512_BF16, or with AMX (its own kernel)"),
+    pytest.mark.skipif(not bf16_dot.available(), reason="needs AVX512_BF16 without AMX (AMX has its own kernel) and torch >= 2.13"),
     pytest.mark.skipif(not detect().has_cxx_compiler, reason="no C++ compiler for Inductor"),
 ]
 

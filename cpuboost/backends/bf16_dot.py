@@ -99,12 +99,16 @@ void {{kernel_name}}_dot(
 """
 
 
+TORCH_FROM = "2.13"  # the template API it was written against (torch 2.8's emits code it does not compile with)
+
+
 def available() -> bool:
-    """AVX512_BF16 without AMX (with AMX, Inductor's AMX kernel is the faster one), and this torch's registry."""
+    """AVX512_BF16 without AMX (with AMX, Inductor's AMX kernel is the faster one), on a torch it was tested on."""
     cpu = torch.cpu
     try:
-        return bool(cpu._is_avx512_bf16_supported()) and not cpu._is_amx_tile_supported()
-    except AttributeError:
+        recent = torch.torch_version.TorchVersion(torch.__version__.split("+")[0]) >= TORCH_FROM
+        return recent and bool(cpu._is_avx512_bf16_supported()) and not cpu._is_amx_tile_supported()
+    except (AttributeError, ValueError):
         return False
 
 
