@@ -16,7 +16,8 @@ BACKGROUND_NOTE = "answered by eager while its graph builds in the background"
 
 
 class Pointwise(nn.Module):
-    """Thirty elementwise ops on a large tensor: Inductor fuses them into one pass, so it beats eager."""
+    """Forty elementwise ops on a large tensor: Inductor fuses them into one pass, so it beats eager. No
+    transcendental op: Inductor's vectorized tanh runs at half eager's speed on an AMX Xeon."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -24,7 +25,7 @@ class Pointwise(nn.Module):
 
     def forward(self, x):
         for _ in range(10):
-            x = torch.tanh(x * self.scale + 0.01) * 1.5
+            x = torch.clamp(x * self.scale + 0.01, -3.0, 3.0) * 1.5
         return x
 
 
