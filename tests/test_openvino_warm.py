@@ -1,5 +1,5 @@
 """OpenVINO winners in the persistent cache: the served fp32/bf16 graph is kept as IR, a new process compiles it
-without converting, a damaged or wrong IR is never served. ``Pointwise`` (thirty elementwise ops on a large
+without converting, a damaged or wrong IR is never served. ``Pointwise`` (forty elementwise ops on a large
 tensor) is the model: OpenVINO fuses them into one pass over memory, so with ``backend="openvino"`` its rung
 wins against eager by far and the path that serves is known. 256 rows (4 MiB, past the caches): OpenVINO 2.6x
 eager there, 1.9x at 64 rows, where a loaded CI machine once timed it at 0.85x and kept no IR."""
