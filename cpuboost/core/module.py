@@ -122,8 +122,9 @@ class OptimizedModule(ModelProxy):
         return self._build_and_call(key, args, kwargs)
 
     def wait_for_builds(self, timeout: Optional[float] = None) -> bool:
-        """Waits for ``build="background"`` builds; True when none is running (a readiness check)."""
-        return self._builds.wait(timeout)
+        """Waits for ``build="background"`` builds and generate()'s compiled prefill; True when none runs."""
+        runner = self.__dict__.get("_generation")
+        return self._builds.wait(timeout) & (runner is None or runner.wait_for_builds(timeout))
 
     def _eval_model(self) -> nn.Module:
         """The user's model as it runs in eval: itself, or a view sharing its weights if it is in train mode,

@@ -72,11 +72,12 @@ def math_attention(model: nn.Module) -> Optional[str]:
     return f"the decode copy runs {config._attn_implementation} attention (the model's is sdpa)"
 
 
-def prefill_on(static: nn.Module, prefill: nn.Module, cache_arg: str) -> None:
+def prefill_on(static: nn.Module, prefill: nn.Module, cache_arg: str, graph: Any = None) -> None:
     """Calls of ``static`` with more than one new token (the prefill) run ``prefill``'s forward: the same tensors
     with the model's own SDPA attention, which beats the math attention the decode graph fuses once the query
     is long (1.27x at prompt 128 here). One-token calls (the decode graph traces these) keep ``static``'s own.
-    ``cache_arg``: the name this transformers passes the KV cache under."""
+    ``cache_arg``: the name this transformers passes the KV cache under; ``graph``: a compiled prefill
+    (prefill.PrefillGraph) that serves the exact-cache prefill once it has been verified and has won."""
     decode = type(static).forward
 
     @functools.wraps(decode.__get__(static))  # transformers reads forward's signature (logits_to_keep, kwargs)
@@ -87,13 +88,14 @@ def prefill_on(static: nn.Module, prefill: nn.Module, cache_arg: str) -> None:
         if tokens is None and args:
             tokens = args[0]
         if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 and tokens.shape[1] > 1:
-            return _prefill_exact(prefill, tokens, cache_arg, args, kwargs)
+            return _prefill_exact(prefill, tokens, cache_arg, args, kwargs, graph)
         return decode(static, *args, **kwargs)
 
     static.forward = forward
 
 
-def _prefill_exact(prefill: nn.Module, tokens: torch.Tensor, name: str, args: tuple, kwargs: dict) -> Any:
+def _prefill_exact(prefill: nn.Module, tokens: torch.Tensor, name: str, args: tuple, kwargs: dict,
+                   graph: Any = None) -> Any:
     """The prefill on a StaticCache exactly as long as the prompt, whose keys and values then go into the
     bucket's cache (same dtype: both laid out from this model's tensors). On the bucket's cache the prompt's
     attention ran over the whole bucket under a mask: prompt 1024 in the 2048 bucket spent twice the attention
@@ -110,7 +112,10 @@ def _prefill_exact(prefill: nn.Module, tokens: torch.Tensor, name: str, args: tu
     length = tokens.shape[1]
     exact = new_static_cache(prefill, tokens.shape[0], length)
     mask = _keys_cut(kwargs.get("attention_mask"), length)
-    out = prefill.forward(*args, **{**kwargs, name: exact, "attention_mask": mask})
+    call = {**kwargs, name: exact, "attention_mask": mask}
+    out = graph.run(call) if graph is not None and not args else None
+    if out is None:
+        out = prefill.forward(*args, **call)
     fill(bucket, exact)
     for field in ("past_key_values", "cache"):  # generate() carries the returned cache to the decode steps
         if getattr(out, field, None) is exact:
@@ -124,7 +129,7 @@ def _keys_cut(mask: Any, length: int) -> Any:
     if isinstance(mask, dict):
         return {k: _keys_cut(v, length) for k, v in mask.items()}
     if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] > length:
-        return mask[..., :length]
+        return mask[..., :length].contiguous()  # the compiled prefill's guards expect a dense mask
     return mask
 
 

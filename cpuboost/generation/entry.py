@@ -34,7 +34,8 @@ def _new_runner(optimized: Any) -> Any:
     warm = optimized._warm_start()
     persist = PersistedDecisions(warm, optimized._original) if warm.enabled else None
     return GenerationRunner(optimized._original, dtype, optimized._report.note,
-                            compile=options.fusion and options.backend in ("auto", "native"), persist=persist)
+                            compile=options.fusion and options.backend in ("auto", "native"), persist=persist,
+                            prefill=True)
 
 
 _WEIGHT_ONLY = (torch.int8, getattr(torch, "int4", torch.int8))

@@ -17,10 +17,11 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .cache import CachePool, cache_refusal
+from .cache import CachePool, cache_refusal, new_static_cache
 from .copies import cast_matmul_weights, math_attention, prefill_on, shared_copy, weight_bytes_per_token
 from .decode import TEMPLATE_ROWS, CallClock, DecodeStep, Step, builds_for
 from .persisted import PersistedDecisions
+from .prefill import PrefillGraph
 from .judge import judge
 from .rope import table_rotary_embeddings
 from .route import CallPlan, can_route
@@ -81,8 +82,12 @@ class _Copies:
         forward = inspect.signature(type(original).forward).parameters
         self.cache_arg = "cache" if "cache" in forward else "past_key_values"
         kinds = {getattr(getattr(m, "config", None), "_attn_implementation", None) for m in (self.static, self.work)}
+        self.prefill: Optional[PrefillGraph] = None  # the compiled prefill, built after the first call
         if len(kinds) > 1:
-            prefill_on(self.static, self.work, self.cache_arg)  # prefill keeps SDPA; decode takes math attention
+            if runner._compile and runner._compile_prefill:
+                self.prefill = PrefillGraph(self.work, self.reference, runner.act_dtype, self.cache_arg,
+                                            new_static_cache, note, race=runner._race_enabled)
+            prefill_on(self.static, self.work, self.cache_arg, self.prefill)  # SDPA there; decode: math attention
             note("generate: the prefill runs the model's sdpa attention, decode steps the math attention")
         self.refusal = cache_refusal(original)
         self.bytes_per_token = weight_bytes_per_token(self.decode)
@@ -98,13 +103,14 @@ class _Copies:
 class GenerationRunner:
     """Built once per (model, dtype); holds what ``generate()`` runs on. ``generate`` has the signature and
     outputs of ``original.generate``; ``note`` gets one line per decision. ``dtype``: fp32, bf16, fp16, or
-    ``torch.int8`` / ``torch.int4`` for weight-only quantized decode (bf16 activations)."""
+    ``torch.int8`` / ``torch.int4`` for weight-only quantized decode (bf16 activations). ``prefill``: also
+    compile the prefill (cpuboost.optimize's generate does)."""
 
     def __init__(self, original: nn.Module, dtype: torch.dtype = torch.bfloat16,
                  note: Optional[Callable[[str], None]] = None, *, max_cache_len: Optional[int] = None,
                  compile: bool = True, race: bool = True,
                  build_lock: Optional[contextlib.AbstractContextManager] = None,
-                 persist: Optional["PersistedDecisions"] = None) -> None:
+                 persist: Optional["PersistedDecisions"] = None, prefill: bool = False) -> None:
         self._original = original
         self._persist = persist  # decode decisions and Inductor's caches in cpuboost's persistent store
         self._build_lock = build_lock or contextlib.nullcontext()  # optional: the caller's per-model build lock
@@ -116,6 +122,7 @@ class GenerationRunner:
         config = getattr(original, "config", None)
         self.max_cache_len = int(max_cache_len or getattr(config, "max_position_embeddings", None) or 2048)
         self._compile, self._race_enabled, self._lock, self._noted = compile, race, threading.Lock(), set()
+        self._compile_prefill = prefill  # a compiled prefill (prefill.py), built in the background after a call
         self._active = threading.local()
         self.last_call: dict = {}  # the last static-route call: prefill ms, decode ms/token, tokens/s, bytes read
         self._copies: Optional[_Copies] = None
@@ -143,6 +150,8 @@ class GenerationRunner:
             finally:
                 if self._persist is not None:
                     self._persist.start_pending()  # the package compiles of a step built for this call
+                if copies.prefill is not None:
+                    copies.prefill.start_pending()  # the compiled prefill, once a first prefill gave its example
             why = step
         self._note_once(f"generate: eager private copy ({self.act_dtype}), dynamic cache: {why}")
         with self._precision():
@@ -154,6 +163,16 @@ class GenerationRunner:
             return {"route": "eager (original)", "reason": self.reason}
         return {f"batch {b}, cache {n}": ("compiled" if isinstance(s, Step) else s)
                 for (b, n), s in dict(self._copies.steps).items()}
+
+    def prefill_state(self) -> str:
+        """The compiled prefill's state: not built, pending, building, serving, or refused with why."""
+        prefill = self._copies.prefill if self._copies is not None else None
+        return prefill.state if prefill is not None else "eager (no compiled prefill for this runner)"
+
+    def wait_for_builds(self, timeout: Optional[float] = None) -> bool:
+        """Waits for the compiled prefill's background build; True when none is running."""
+        prefill = self._copies.prefill if self._copies is not None else None
+        return prefill.wait(timeout) if prefill is not None else True
 
     # -- internals ----------------------------------------------------------------------------------
     def _precision(self) -> contextlib.AbstractContextManager:

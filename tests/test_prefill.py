@@ -1,0 +1,67 @@
+"""The compiled prefill (generation/prefill.py): built in the background after the first generate(), verified
+against eager fp32, then serving prompts of every length from one graph, with answers as eager autocast's."""
+import pytest
+import torch
+
+from cpuboost.generation import GenerationRunner
+
+transformers = pytest.importorskip("transformers")
+
+
+def _llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                      max_position_embeddings=256, initializer_range=0.2)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _ids(length, seed=1):
+    return torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def test_the_prefill_graph_builds_after_the_first_call_and_serves_new_lengths_like_autocast():
+    """Nothing compiles the prefill during the first call; after it the graph builds in the background, passes
+    verification (notes say so), and answers prefills of lengths it never saw, as close to eager fp32 as
+    eager autocast is, without a compile per length."""
+    model, notes = _llama(), []
+    runner = GenerationRunner(model, torch.bfloat16, notes.append, race=False, prefill=True)
+    assert runner.prefill_state() == "not built"
+    kw = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    runner.generate(_ids(12), **kw)
+    assert runner.prefill_state() in ("building", "serving")
+    assert runner.wait_for_builds(timeout=900)
+    assert runner.prefill_state() == "serving", notes
+    built = [n for n in notes if n.startswith("generate: compiled prefill")]
+    assert len(built) == 1 and "tensors within bounds" in built[0], notes
+    graph = runner._copies.prefill
+    for length in (7, 19, 30):
+        served = graph.served
+        ids = _ids(length, seed=length)
+        out = runner.generate(ids, **kw)
+        assert graph.served > served  # the graph answered this length's prefill
+        with torch.no_grad():
+            ref = model.generate(ids, **kw)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                yard = model.generate(ids, **kw)
+        own = _rel(yard.logits[0], ref.logits[0])
+        assert _rel(out.logits[0], ref.logits[0]) <= max(3 * own, 1e-3)  # the first token's logits: the prefill's
+    # the one graph covers a new length: let the real generate() call it where it may compile (not run-only),
+    # and no graph is added
+    from torch._dynamo.utils import counters
+
+    graphs, graph._run_only = counters["stats"]["unique_graphs"], graph._compiled
+    runner.generate(_ids(41), **kw)
+    assert counters["stats"]["unique_graphs"] == graphs and graph.served == served + 2
+
+
+def test_without_the_option_the_prefill_stays_eager_and_nothing_builds():
+    model, notes = _llama(), []
+    runner = GenerationRunner(model, torch.bfloat16, notes.append, race=False)
+    runner.generate(_ids(12), max_new_tokens=2, do_sample=False)
+    assert runner.prefill_state().startswith("eager") and runner._copies.prefill is None
+    assert runner.wait_for_builds(timeout=1) and not any("compiled prefill" in n for n in notes)
