@@ -110,12 +110,12 @@ def _prefill_exact(prefill: nn.Module, tokens: torch.Tensor, name: str, args: tu
     if type(bucket) is not StaticCache or not fresh:
         return prefill.forward(*args, **kwargs)
     length = tokens.shape[1]
-    exact = new_static_cache(prefill, tokens.shape[0], length)
     mask = _keys_cut(kwargs.get("attention_mask"), length)
-    call = {**kwargs, name: exact, "attention_mask": mask}
+    call = {**kwargs, name: new_static_cache(prefill, tokens.shape[0], length), "attention_mask": mask}
     out = graph.run(call) if graph is not None and not args else None
     if out is None:
         out = prefill.forward(*args, **call)
+    exact = call[name]
     fill(bucket, exact)
     for field in ("past_key_values", "cache"):  # generate() carries the returned cache to the decode steps
         if getattr(out, field, None) is exact:

@@ -49,11 +49,18 @@ class PrefillGraph:
         self._run_only = torch._dynamo.run(namespace["prefill"])
 
     def run(self, kwargs: dict) -> Optional[Any]:
-        """The graph's output for this prefill once it serves; None otherwise (the caller runs eager), keeping
-        the first call's inputs as the build's example."""
+        """The graph's output for this prefill once it serves; None otherwise (the caller runs eager on
+        ``kwargs``, whose cache a failed graph replaced), keeping the first call's inputs as the build's example."""
         if self.state == "serving":
+            try:
+                out = self._run_only(**kwargs)
+            except Exception as exc:  # never a failed call for the graph's sake: eager answers, and from now on,
+                self._refuse(f"failed while serving ({type(exc).__name__}: {(str(exc) or '-').splitlines()[0][:200]})")
+                tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))  # on a cache the graph did not touch
+                kwargs[self._cache_arg] = self._new_cache(self._prefill, tokens.shape[0], tokens.shape[1])
+                return None
             self.served += 1
-            return self._run_only(**kwargs)
+            return out
         if self.state == "not built":
             with self._lock:
                 if self.state == "not built":
@@ -84,7 +91,7 @@ class PrefillGraph:
         example, self._example = self._example, None
         started = time.perf_counter()
         try:
-            with torch.no_grad(), torch.autocast("cpu", dtype=self._dtype):
+            with torch.no_grad(), torch.autocast("cpu", dtype=self._dtype, enabled=self._dtype != torch.float32):
                 import torch._inductor.config as inductor_config
 
                 with config_lock(), inductor_config.patch(OPTIONS):
