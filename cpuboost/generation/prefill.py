@@ -45,8 +45,9 @@ class PrefillGraph:
         namespace: dict[str, Any] = {}
         source = "def prefill(**kwargs):\n    return model.forward(**kwargs)\n"
         exec(compile(source, f"<cpuboost-prefill-{next(_counter)}>", "exec"), {"model": prefill}, namespace)
-        self._compiled = torch.compile(namespace["prefill"], backend="inductor", dynamic=True)
-        self._run_only = torch._dynamo.run(namespace["prefill"])
+        self._function = namespace["prefill"]
+        self._compiled: Any = None  # made in the build thread: importing dynamo costs a warm start 1.3 s
+        self._run_only: Any = None
 
     def run(self, kwargs: dict) -> Optional[Any]:
         """The graph's output for this prefill once it serves; None otherwise (the caller runs eager on
@@ -91,6 +92,8 @@ class PrefillGraph:
         example, self._example = self._example, None
         started = time.perf_counter()
         try:
+            self._compiled = torch.compile(self._function, backend="inductor", dynamic=True)
+            self._run_only = torch._dynamo.run(self._function)
             with torch.no_grad(), torch.autocast("cpu", dtype=self._dtype, enabled=self._dtype != torch.float32):
                 import torch._inductor.config as inductor_config
 
