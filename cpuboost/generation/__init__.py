@@ -1,5 +1,6 @@
 """``generate()`` for transformers causal LMs: a private low-precision copy, a prefill (eager, then compiled in
-the background), and one verified Inductor graph per decode step on a static KV cache (bf16/fp16/fp32 weights, or weight-only int8/int4).
+the background), and one verified Inductor graph per decode step on a static KV cache (bf16/fp16/fp32 weights,
+or weight-only int8/int4).
 Chosen by measurement (benchmarks/generate.py, benchmarks/llm.py):
 
 - The private copy shares every tensor with the user's model except the matmul weights (``nn.Linear``,
