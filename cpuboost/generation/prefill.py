@@ -3,7 +3,8 @@ exact-length StaticCache, so every prompt length is served without a compile of 
 a size of 1: a graph built on one row serves one row; other batch sizes run the eager prefill).
 Short prompts are bound by everything around the matmuls (norms, RoPE, casts between fp32 and bf16, oneDNN
 repacking the weights on every call), which the graph fuses or does once: Qwen2-0.5B shape, 12 layers, bf16,
-Xeon with AMX, 2 cores: 1.58x eager autocast at 128 tokens, 1.48x at 77, 1.35x at 300, 1.0x at 1024 (matmul-bound there).
+Xeon with AMX, 2 cores: 1.58x eager autocast at 128 tokens, 1.48x at 77, 1.35x at 300, 1.0x at 1024
+(matmul-bound there).
 
 The compile takes ~35 s on 2 cores, longer than many generate() calls, so it never runs inside one: the first
 prefill's inputs are kept, and after that call returns a daemon thread compiles the graph, verifies it on
@@ -137,7 +138,8 @@ class PrefillGraph:
             err, own = rel_error(o.float(), r.float()), rel_error(y.float(), r.float())
             limit = max(VERIFY_MULTIPLE * own, VERIFY_FLOOR if self._dtype != torch.float32 else FP32_TOLERANCE)
             if err > limit:
-                return False, f"{name}: rel err {err:.1e} vs fp32 > {limit:.1e} ({VERIFY_MULTIPLE:g}x autocast's {own:.1e})"
+                return False, (f"{name}: rel err {err:.1e} vs fp32 > {limit:.1e} ({VERIFY_MULTIPLE:g}x autocast's "
+                               f"{own:.1e})")
             if err / limit >= worst:
                 worst, worst_text = err / limit, f"{name} rel err {err:.1e} vs autocast's own {own:.1e}"
         return True, f"{len(pairs)} tensors within bounds (closest: {worst_text})"
