@@ -9,7 +9,8 @@ Every row is its own subprocess with an empty Inductor cache, one after another:
          waits for it at exit)
   warm   a new process on the same cpuboost cache: the package loaded and verified, no compile
 
-Per row: ``first`` (the first generate() call, model already built), ``second`` (the next call), ``package``
+Per row: ``first`` (the first generate() call, model already built), ``second`` (the next call: cpuboost rows
+share the cores with the compiled prefill's background build then), ``package``
 (cold only: how long after the first call returned the package was published), the greedy tokens' agreement
 with the cold row, and the process's peak RSS.
 
