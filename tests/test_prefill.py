@@ -1,5 +1,9 @@
 """The compiled prefill (generation/prefill.py): built in the background after the first generate(), verified
 against eager fp32, then serving prompts of every length from one graph, with answers as eager autocast's."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -65,3 +69,22 @@ def test_without_the_option_the_prefill_stays_eager_and_nothing_builds():
     runner.generate(_ids(12), max_new_tokens=2, do_sample=False)
     assert runner.prefill_state().startswith("eager") and runner._copies.prefill is None
     assert runner.wait_for_builds(timeout=1) and not any("compiled prefill" in n for n in notes)
+
+
+def test_a_process_exiting_during_the_prefill_build_waits_for_it_instead_of_aborting():
+    """cpuboost.optimize(...).generate once, then exit at once: the build under way is waited for, with a
+    warning (a daemon thread killed inside Inductor's compile aborted the process: exit status 134)."""
+    script = (
+        "import torch, transformers, cpuboost\n"
+        "torch.manual_seed(0)\n"
+        "config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,\n"
+        "    num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)\n"
+        "model = transformers.LlamaForCausalLM(config).eval()\n"
+        "opt = cpuboost.optimize(model, dtype='bf16')\n"
+        "opt.generate(torch.randint(0, 128, (1, 12)), max_new_tokens=4, do_sample=False)\n"
+        "print('state at exit:', opt._generation.prefill_state(), flush=True)\n")
+    env = dict(os.environ, CPUBOOST_CACHE_DIR="off")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "state at exit: building" in done.stdout  # the exit really came while the build ran
+    assert "finishing the compiled prefill's background build before exiting" in done.stderr
