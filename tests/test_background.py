@@ -106,3 +106,28 @@ def test_the_compiled_winner_takes_over_after_the_background_build():
     torch.testing.assert_close(model(x), _eager(net, x), rtol=1e-4, atol=1e-5)
     report = cpuboost.explain(model)
     assert report.graphs[-1].path == "inductor" and any(BACKGROUND_NOTE in e for e in report.events)
+
+
+def test_a_process_exiting_during_a_background_build_waits_for_it_instead_of_aborting():
+    """One call, then exit at once: the Inductor build under way is waited for, with a warning (a daemon thread
+    killed inside Inductor's compile aborted the process: exit status 134)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, cpuboost\n"
+        "class P(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.s = torch.nn.Parameter(torch.tensor(1.001))\n"
+        "    def forward(self, x):\n"
+        "        for _ in range(10): x = torch.clamp(x * self.s + 0.01, -3.0, 3.0) * 1.5\n"
+        "        return x\n"
+        "m = cpuboost.optimize(P().eval(), dtype='fp32', backend='native', build='background')\n"
+        "m(torch.randn(128, 4096))\n"
+        "print('building at exit:', not m.wait_for_builds(timeout=0), flush=True)\n")
+    env = dict(os.environ, CPUBOOST_CACHE_DIR="off")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "building at exit: True" in done.stdout  # the exit really came while the build ran
+    assert "finishing a background graph build before exiting" in done.stderr

@@ -15,6 +15,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import signature
+from .exitwait import wait_at_exit
 
 
 def private_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -63,6 +64,7 @@ class BackgroundBuilds:
                                       name=f"cpuboost build [{sig[:60]}]")
             self.running[key] = thread
         note(f"[{sig}]: answered by eager while its graph builds in the background")
+        wait_at_exit(thread, "a background graph build")
         thread.start()
 
     def _run(self, key: Hashable, sig: str, build: Callable[[], Any], note: Callable[[str], None]) -> None:

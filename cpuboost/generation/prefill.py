@@ -13,9 +13,7 @@ autocast's own error that decode graphs get), and races it against the eager pre
 graph that passes both serves, in dynamo's run-only mode: a call its guards do not cover runs eagerly."""
 from __future__ import annotations
 
-import atexit
 import itertools
-import logging
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -23,12 +21,10 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ..core.exitwait import wait_at_exit
 from .cache import layer_states
 from .judge import FP32_TOLERANCE, VERIFY_FLOOR, VERIFY_MULTIPLE, rel_error
 
-log = logging.getLogger("cpuboost")
-_RUNNING: list[threading.Thread] = []  # builds an exiting interpreter waits for: one killed mid-compile aborts it
-_RUNNING_LOCK = threading.Lock()
 OPTIONS = {"freezing": True}  # the C++ GEMM template packs per M: no gain at prefill sizes, a longer compile
 ROUNDS = 3
 _counter = itertools.count()
@@ -82,10 +78,7 @@ class PrefillGraph:
                 return
             self.state = "building"
             self._thread = threading.Thread(target=self._build, name="cpuboost build: prefill graph", daemon=True)
-        with _RUNNING_LOCK:
-            if not _RUNNING:
-                atexit.register(_finish_builds)
-            _RUNNING[:] = [t for t in _RUNNING if t.is_alive()] + [self._thread]
+        wait_at_exit(self._thread, "the compiled prefill's background build")
         self._thread.start()
 
     def wait(self, timeout: Optional[float] = None) -> bool:
@@ -178,14 +171,3 @@ def _private(kwargs: dict, cache_arg: str) -> dict:
     kept = {k: v for k, v in kwargs.items() if k != cache_arg}
     return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), kept)
 
-
-def _finish_builds() -> None:
-    """At interpreter exit, a prefill build still compiling is waited for (killed inside Inductor's compile, the
-    process aborts: "terminate called without an active exception")."""
-    with _RUNNING_LOCK:
-        running = [t for t in _RUNNING if t.is_alive()]
-    if running:
-        log.warning("cpuboost: finishing the compiled prefill's background build before exiting (up to a minute; "
-                    "optimized.wait_for_builds() waits for it explicitly)")
-    for thread in running:
-        thread.join()
