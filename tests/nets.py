@@ -112,3 +112,18 @@ class Cancelling(nn.Module):
 
     def forward(self, x):
         return self.a(x) - self.b(x)
+
+
+def assert_exit_waits_for_build(script: str, building_line: str, warning: str) -> None:
+    """Run ``script`` in a fresh interpreter (cpuboost cache off) that exits right after starting a background
+    build: it must print ``building_line`` (the exit really came while the build ran), log ``warning`` and exit
+    with status 0 (a daemon thread killed inside Inductor's compile aborted the process: status 134)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CPUBOOST_CACHE_DIR="off")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert building_line in done.stdout
+    assert warning in done.stderr

@@ -10,7 +10,7 @@ import cpuboost
 from cpuboost.core import signature
 from cpuboost.errors import InvalidOptionError
 
-from nets import MLP
+from nets import MLP, assert_exit_waits_for_build
 
 BACKGROUND_NOTE = "answered by eager while its graph builds in the background"
 
@@ -111,10 +111,6 @@ def test_the_compiled_winner_takes_over_after_the_background_build():
 def test_a_process_exiting_during_a_background_build_waits_for_it_instead_of_aborting():
     """One call, then exit at once: the Inductor build under way is waited for, with a warning (a daemon thread
     killed inside Inductor's compile aborted the process: exit status 134)."""
-    import os
-    import subprocess
-    import sys
-
     script = (
         "import torch, cpuboost\n"
         "class P(torch.nn.Module):\n"
@@ -126,8 +122,4 @@ def test_a_process_exiting_during_a_background_build_waits_for_it_instead_of_abo
         "m = cpuboost.optimize(P().eval(), dtype='fp32', backend='native', build='background')\n"
         "m(torch.randn(128, 4096))\n"
         "print('building at exit:', not m.wait_for_builds(timeout=0), flush=True)\n")
-    env = dict(os.environ, CPUBOOST_CACHE_DIR="off")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "building at exit: True" in done.stdout  # the exit really came while the build ran
-    assert "finishing a background graph build before exiting" in done.stderr
+    assert_exit_waits_for_build(script, "building at exit: True", "finishing a background graph build before exiting")

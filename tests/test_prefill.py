@@ -1,13 +1,11 @@
 """The compiled prefill (generation/prefill.py): built in the background after the first generate(), verified
 against eager fp32, then serving prompts of every length from one graph, with answers as eager autocast's."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from cpuboost.generation import GenerationRunner
+
+from nets import assert_exit_waits_for_build
 
 transformers = pytest.importorskip("transformers")
 
@@ -83,8 +81,5 @@ def test_a_process_exiting_during_the_prefill_build_waits_for_it_instead_of_abor
         "opt = cpuboost.optimize(model, dtype='bf16')\n"
         "opt.generate(torch.randint(0, 128, (1, 12)), max_new_tokens=4, do_sample=False)\n"
         "print('state at exit:', opt._generation.prefill_state(), flush=True)\n")
-    env = dict(os.environ, CPUBOOST_CACHE_DIR="off")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "state at exit: building" in done.stdout  # the exit really came while the build ran
-    assert "finishing the compiled prefill's background build before exiting" in done.stderr
+    assert_exit_waits_for_build(script, "state at exit: building",
+                                "finishing the compiled prefill's background build before exiting")

@@ -59,8 +59,7 @@ class PrefillGraph:
                 out = self._run_only(**kwargs)
             except Exception as exc:  # never a failed call for the graph's sake: eager answers, and from now on,
                 self._refuse(f"failed while serving ({type(exc).__name__}: {(str(exc) or '-').splitlines()[0][:200]})")
-                tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))  # on a cache the graph did not touch
-                kwargs[self._cache_arg] = self._new_cache(self._prefill, tokens.shape[0], tokens.shape[1])
+                kwargs[self._cache_arg] = self._fresh_cache(self._prefill, kwargs)  # one the graph did not touch
                 return None
             self.served += 1
             return out
@@ -121,9 +120,13 @@ class PrefillGraph:
 
     def _call(self, fn: Callable[..., Any], model: nn.Module, example: dict) -> tuple[Any, Any]:
         """``fn`` on the example with a fresh exact cache for ``model``: (output, that cache)."""
-        tokens = example.get("input_ids", example.get("inputs_embeds"))
-        cache = self._new_cache(model, tokens.shape[0], tokens.shape[1])
+        cache = self._fresh_cache(model, example)
         return fn(**{**example, self._cache_arg: cache}), cache
+
+    def _fresh_cache(self, model: nn.Module, kwargs: dict) -> Any:
+        """An empty cache for ``model`` exactly as long as the prompt in ``kwargs``."""
+        tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        return self._new_cache(model, tokens.shape[0], tokens.shape[1])
 
     def _verify(self, example: dict, out: Any, cache: Any) -> tuple[bool, str]:
         """Logits and every cached key/value against eager fp32's, each within the multiple of eager autocast's
