@@ -21,6 +21,7 @@ import torch
 from ..errors import CpuBoostError
 from ..options import dtype_name
 from . import race, verify
+from .probe import Probe
 from .progress import progress
 from .report import RungRecord
 
@@ -54,12 +55,26 @@ class Winner:
     versus: str = ""  # the last side-by-side timing against the rung holding the lead, for the report
 
 
-def _beats(challenger: Winner, holder: Winner, args: tuple, kwargs: dict) -> bool:
-    """Whether the new verified rung is faster than the one holding the lead, timed side by side."""
+def _beats(challenger: Winner, holder: Winner, args: tuple, kwargs: dict, probe: Optional[Probe] = None) -> bool:
+    """Whether the new verified rung is faster than the one holding the lead, timed side by side. With a
+    ``probe`` (a dynamic text graph, which will serve every length) at both lengths too: the product of the two
+    ratios decides, so neither length's milliseconds outweigh the other's."""
     mine, theirs = race.head_to_head(challenger.fn, holder.fn, args, kwargs)
-    challenger.versus = f" (side by side: {mine:.2f} ms against {theirs:.2f} ms)"
-    holder.versus = f" (side by side: {theirs:.2f} ms against {mine:.2f} ms)"
-    return mine < theirs
+    challenger.versus = f" (side by side: {mine:.2f} ms against {theirs:.2f} ms"
+    holder.versus = f" (side by side: {theirs:.2f} ms against {mine:.2f} ms"
+    ratio = mine / theirs if theirs else 1.0
+    if probe is not None:
+        try:
+            long_mine, long_theirs = race.head_to_head(challenger.fn, holder.fn, probe.args, probe.kwargs)
+        except Exception as exc:  # a graph that cannot take the other length is judged on the call's alone
+            challenger.versus += f"; not timed at length {probe.length}: {_first_line(exc)}"
+        else:
+            challenger.versus += f"; at length {probe.length}: {long_mine:.2f} ms against {long_theirs:.2f} ms"
+            holder.versus += f"; at length {probe.length}: {long_theirs:.2f} ms against {long_mine:.2f} ms"
+            ratio *= long_mine / long_theirs if long_theirs else 1.0
+    challenger.versus += ")"
+    holder.versus += ")"
+    return ratio < 1.0
 
 
 def _first_line(exc: BaseException) -> str:
@@ -70,11 +85,13 @@ def _first_line(exc: BaseException) -> str:
 def climb(stages: list[list[Rung]], args: tuple, kwargs: dict, *, reference: Any,
           yardstick: Callable[[torch.dtype], Any], eager: Callable[..., Any], tolerance: Optional[float],
           budget: float, verify_outputs: bool, signature: str,
-          decided: Optional[str] = None, warm: Optional[dict] = None) -> tuple[Optional[Winner], list[RungRecord]]:
+          decided: Optional[str] = None, warm: Optional[dict] = None,
+          probe: Optional[Probe] = None) -> tuple[Optional[Winner], list[RungRecord]]:
     """Try the rungs in order; return the winner (None: eager serves) and a record of every rung.
 
     ``warm``: what an earlier process measured for the ``decided`` rung (``eager_ms`` of this call's reference,
     ``yardstick_error`` of eager autocast), so a warm start verifies and times it without more eager calls.
+    ``probe``: the call at another length, where verified rungs of a dynamic text graph race side by side too.
     """
     records: list[RungRecord] = []
     best: Optional[Winner] = None
@@ -101,7 +118,7 @@ def climb(stages: list[list[Rung]], args: tuple, kwargs: dict, *, reference: Any
                 records.append(candidate if isinstance(candidate, RungRecord) else candidate.record)
                 if isinstance(candidate, Winner):
                     won_at = won_at or time.perf_counter()
-                    if best is None or _beats(candidate, best, args, kwargs):
+                    if best is None or _beats(candidate, best, args, kwargs, probe):
                         if best is not None:
                             best.record.fate = f"verified but slower than {rung.name}{best.versus}"
                         best, candidate = candidate, best

@@ -21,15 +21,15 @@ from torch import nn
 
 from ..machine.hardware import Hardware
 from ..options import Options, dtype_name
-from . import ladder, signature, verify
+from . import ladder, probe, signature, verify
 from .background import BackgroundBuilds
 from .cache import Family, GraphEntry, SignatureCache, verify_dtype
 from .freshness import WeightWatch
-from .precision import eager_runner
 from .pickling import reduce_proxy
 from .proxy import ModelProxy
 from .registry import PassContext, Plan, plan_here
 from .report import GraphRecord, PassRecord, Report, RungRecord
+from .stages import ladder_stages
 from .workcopy import apply_module_passes, shallow_copy
 
 log = logging.getLogger("cpuboost")
@@ -203,13 +203,14 @@ class OptimizedModule(ModelProxy):
             prefer = found.decision.get("rung")  # decided by an earlier process: no race, that rung only
             self._report.note(f"[{sig}]: decision from the persistent cache ({prefer})")
         with found.building() if found is not None else contextlib.nullcontext():  # releases the lock on error
-            stages = [] if prefer == "eager" else self._rungs(  # eager decided earlier: nothing beat it
-                args, kwargs, dims, prefer, found.artifact_dir if found is not None else None)
+            stages = [] if prefer == "eager" else ladder_stages(  # eager decided earlier: nothing beat it
+                self, self._working_copy(args, kwargs), args, kwargs, dims, prefer,
+                found.artifact_dir if found is not None else None)
             winner, rungs = ladder.climb(
                 stages, args, kwargs, reference=reference, yardstick=yardstick, eager=self._eager_original,
-                tolerance=options.tolerance, budget=0.0 if prefer else options.tune_budget,
-                verify_outputs=options.verify, signature=sig, decided=prefer,
-                warm=self._warm.hints(found, prefer, reference_ms) if found is not None else None)
+                tolerance=options.tolerance, budget=0.0 if prefer else options.tune_budget, verify_outputs=options.verify,
+                signature=sig, decided=prefer, warm=self._warm.hints(found, prefer, reference_ms) if found else None,
+                probe=None if prefer else probe.other_length(args, kwargs, dims, self._original))
         record = GraphRecord(sig, "eager (original)", 0.0, "is the reference", rungs=rungs,
                              dynamic=", ".join(f"{w}:{d}" for w, d in dims.items()) if dims else "")
         if winner is None:
@@ -334,46 +335,6 @@ class OptimizedModule(ModelProxy):
                 seen.add(id(entry))
                 found.append((entry, entry.example))
         return found
-
-    def _rungs(self, args: tuple, kwargs: dict, dims: dict, prefer: Optional[str],
-               artifact_dir=None) -> list[list[ladder.Rung]]:
-        options, plan = self._options, self._plan
-        work = self._working_copy(args, kwargs)
-        low_precision_work = any(p.dtype in (torch.bfloat16, torch.float16) for p in work.parameters())
-        # eager with passes differs from the original only when a pass other than eval changed something
-        passes_changed = any(r.status == "applied" and r.name != "eval" for r in self._report.passes
-                             if r.name in {spec.name for spec in plan.module_passes})
-        # int8 races the bf16 candidates in one stage (it must beat them, not only eager); fp32 comes after
-        first = [options.dtype] + ([torch.bfloat16] if options.dtype == torch.int8
-                                   and self._hardware.native(torch.bfloat16) else [])
-        stage_dtypes = [first] + ([[torch.float32]] if options.dtype != torch.float32 else [])
-        stages: list[list[ladder.Rung]] = []
-        for dtypes in stage_dtypes:
-            stage = []
-            for dtype in dtypes:
-                for spec in plan.graph_passes:
-                    if dtype not in spec.dtypes:
-                        continue
-                    opts = dataclasses.replace(options, dtype=dtype,
-                                               calibration=options.calibration if dtype == torch.int8 else None)
-                    ctx = PassContext(opts, self._hardware, plan.mode, None, args, kwargs, dynamic_dims=dims or None,
-                                      artifact_dir=ladder.artifact_dir(artifact_dir, dtype, options.dtype, spec.name))
-                    stage.append(ladder.Rung(f"{spec.name} {dtype_name(dtype)}", spec.name, dtype,
-                                             lambda spec=spec, ctx=ctx: spec.fn(work, args, kwargs, ctx), ctx.notes))
-                if dtype in (torch.bfloat16, torch.float16) or (
-                        dtype == torch.float32 and passes_changed and not low_precision_work):
-                    stage.append(ladder.Rung(f"eager+passes {dtype_name(dtype)}", "eager+passes", dtype,
-                                             lambda dtype=dtype: eager_runner(work, dtype)))
-            if stage:
-                stages.append(stage)
-        if prefer:  # a known winner goes first; with it, the ladder stops at the first rung that wins
-            for stage in stages:
-                chosen = [r for r in stage if r.name == prefer]
-                if chosen:
-                    stage.remove(chosen[0])
-                    stages[0].insert(0, chosen[0])
-                    break
-        return stages
 
     def _working_copy(self, args: tuple, kwargs: dict) -> nn.Module:
         if self._work is None:
