@@ -128,17 +128,18 @@ def main() -> None:
               f"{graphs} | {worst:.1e} |")
 
 
-def _steady(model, fn, inputs: dict, rounds: int = 3) -> float:
-    """eager fp32 time / ``fn`` time at an input ``fn`` has seen: medians of calls in turn, each timed call
-    after an untimed one of the same path, as a served model runs in a loop (the other runtime's threads spin
-    for a while after its call: OpenVINO timed right after eager's OpenMP call measured 2.45x eager fp32 on an
-    Intel Xeon with AMX, where its own race had it level with Inductor's 3.3x)."""
+def _steady(model, fn, inputs: dict, rounds: int = 3, block: int = 5) -> float:
+    """eager fp32 time / ``fn`` time at an input ``fn`` has seen: medians over rounds of blocks of calls, each
+    block after two untimed calls of the same path, as a served model runs in a loop. The other runtime's
+    threads spin for a while after its call: OpenVINO timed in single calls right after eager's OpenMP call
+    measured 2.45x eager fp32 on an Intel Xeon with AMX, where in a loop it is level with Inductor (faster
+    below ~64 tokens, slower at 100)."""
     mine, theirs = [], []
     for _ in range(rounds):
-        _timed(fn, inputs)
-        mine.append(_timed(fn, inputs)[0])
-        _timed(model, inputs)
-        theirs.append(_timed(model, inputs)[0])
+        for path, into in ((fn, mine), (model, theirs)):
+            _timed(path, inputs)
+            _timed(path, inputs)
+            into.append(sum(_timed(path, inputs)[0] for _ in range(block)) / block)
     return statistics.median(theirs) / statistics.median(mine)
 
 

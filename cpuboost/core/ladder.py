@@ -9,6 +9,8 @@ reference by what its dtype can do (``verify.compare`` with eager autocast's own
 then timed against the original eager fp32 call, interleaved. The fastest verified candidate that beats
 eager serves; losers are freed before the next rung, so racing never holds two extra graphs at once.
 Once a rung has won, further rungs start only while the ``tune_budget`` (seconds from that win) lasts.
+Two verified rungs are timed side by side (a dynamic text graph at a second length too, ``probe``); level
+within ``race.CLOSE``, the one a restarted process gets without compiling serves.
 """
 from __future__ import annotations
 
@@ -55,6 +57,9 @@ class Winner:
     versus: str = ""  # the last side-by-side timing against the rung holding the lead, for the report
 
 
+RECOMPILED = ": a restart would compile it again"
+
+
 def _beats(challenger: Winner, holder: Winner, args: tuple, kwargs: dict, probe: Optional[Probe] = None) -> bool:
     """Whether the new verified rung is faster than the one holding the lead, timed side by side. With a
     ``probe`` (a dynamic text graph, which will serve every length) at both lengths too: the product of the two
@@ -74,7 +79,28 @@ def _beats(challenger: Winner, holder: Winner, args: tuple, kwargs: dict, probe:
             ratio *= long_mine / long_theirs if long_theirs else 1.0
     challenger.versus += ")"
     holder.versus += ")"
+    if abs(ratio - 1.0) <= race.CLOSE and _restarts_warm(challenger) != _restarts_warm(holder):
+        kept = challenger if _restarts_warm(challenger) else holder
+        kept.versus += f", within {race.CLOSE:.0%}: kept for a restart to load"
+        (holder if kept is challenger else challenger).versus += f", within {race.CLOSE:.0%}{RECOMPILED}"
+        return kept is challenger
     return ratio < 1.0
+
+
+def _lost(loser: Winner, winner: str) -> str:
+    if loser.versus.endswith(RECOMPILED):
+        return f"verified, level with {winner}, which a restart loads{loser.versus}"
+    return f"verified but slower than {winner}{loser.versus}"
+
+
+def _restarts_warm(winner: Winner) -> bool:
+    """Whether a restarted process gets this rung without compiling: eager with passes (nothing to compile), or a
+    graph the persistent cache keeps (an AOTInductor package, OpenVINO IR). Between two rungs within
+    ``race.CLOSE`` of each other (timing noise on a shared CPU) the kept one serves: a BERT-style model's
+    in-process dynamic Inductor graph won by 2% and a restart compiled it again (9 s), where OpenVINO's kept IR
+    loads in 0.8 s."""
+    fn = winner.fn
+    return not winner.rung.compiled or any(callable(getattr(fn, name, None)) for name in ("keep_cached", "forget_cached"))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -120,10 +146,10 @@ def climb(stages: list[list[Rung]], args: tuple, kwargs: dict, *, reference: Any
                     won_at = won_at or time.perf_counter()
                     if best is None or _beats(candidate, best, args, kwargs, probe):
                         if best is not None:
-                            best.record.fate = f"verified but slower than {rung.name}{best.versus}"
+                            best.record.fate = _lost(best, rung.name)
                         best, candidate = candidate, best
                     if candidate is not None:
-                        candidate.record.fate = f"verified but slower than {best.rung.name}{candidate.versus}"
+                        candidate.record.fate = _lost(candidate, best.rung.name)
                         compiled_loser = candidate.rung.compiled
                         del candidate
                         if compiled_loser:

@@ -64,7 +64,6 @@ class OptimizedModule(ModelProxy):
         return {"original": self._original, "options": self._options}
 
     def __setstate__(self, state: dict) -> None:
-        
         original, options = state["original"], state["options"]
         plan, hardware = plan_here(original, options)  # the plan holds functions: made again here
         nn.Module.__init__(self)

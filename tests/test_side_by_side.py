@@ -1,5 +1,5 @@
-"""A dynamic text graph races on two lengths: the call's and a probe length, so the graph that will serve
-every length is not picked on the first call's length alone."""
+"""How verified rungs are raced side by side: a dynamic text graph on two lengths (the call's and a probe
+length), and between two rungs level within timing noise, the one a restarted process loads without compiling."""
 import time
 
 import pytest
@@ -80,6 +80,45 @@ def test_a_static_graph_is_raced_at_the_calls_length_only(costed_passes):
     graph = cpuboost.explain(model).graphs[-1]
     assert graph.path == short_fast, [r.line() for r in graph.rungs]
     assert not any("at length" in r.fate for r in graph.rungs)
+
+
+def _kept_graph(ms: float, kept: list):
+    """A graph pass answering in ``ms``, whose graph the persistent cache would keep (``keep_cached``, called
+    when it serves, as OpenVINO IR's is)."""
+    def build(model, args, kwargs, ctx):
+        def run(input_ids, attention_mask):
+            time.sleep(ms / 1e3)
+            return model.compute(input_ids, attention_mask)
+        run.keep_cached = lambda: kept.append(True)
+        return run
+    return build
+
+
+@pytest.mark.parametrize("kept_ms, served", [(10.2, "test_kept"), (20.0, "test_recompiled")])
+def test_between_level_rungs_the_one_a_restart_loads_serves(kept_ms, served):
+    """10 ms (compiled again by every restart) against 10.2 ms (kept by the cache): level within 5%, the kept one
+    serves and is kept; against 20 ms the faster serves."""
+    kept: list = []
+    registry.register_pass(_costed(10.0, 0.0), name="test_recompiled", kind="graph", modes="infer")
+    registry.register_pass(_kept_graph(kept_ms, kept), name="test_kept", kind="graph", modes="infer")
+    try:
+        net = SlowTokenModel().eval()
+        model = cpuboost.optimize(net, dtype="fp32", fusion=False, cache_dir="off", shapes="static")
+        ids, mask = torch.randint(0, 100, (1, 16)), torch.ones(1, 16, dtype=torch.long)
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids, attention_mask=mask), net.compute(ids, mask))
+    finally:
+        registry.unregister_pass("test_recompiled")
+        registry.unregister_pass("test_kept")
+    graph = cpuboost.explain(model).graphs[-1]
+    assert graph.path == served, [r.line() for r in graph.rungs]
+    assert kept == ([True] if served == "test_kept" else [])
+    loser = next(r for r in graph.rungs if r.name.startswith("test_") and not r.fate == "served")
+    if served == "test_kept":
+        assert loser.fate.startswith("verified, level with test_kept fp32, which a restart loads"), loser.fate
+        assert loser.fate.endswith("within 5%: a restart would compile it again"), loser.fate
+    else:
+        assert loser.fate.startswith("verified but slower than test_recompiled fp32"), loser.fate
 
 
 @pytest.mark.parametrize("length, limit, expected", [
