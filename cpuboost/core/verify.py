@@ -210,7 +210,10 @@ def match_dtypes(template: Any, output: Any) -> Any:
     if isinstance(template, dict) and isinstance(output, Mapping):
         for key in list(output.keys()):
             if key in template:
-                output[key] = match_dtypes(template[key], output[key])
+                value = output[key]
+                cast = match_dtypes(template[key], value)
+                if cast is not value:  # a ModelOutput's item assignment costs ~10 us (its __setattr__ too)
+                    output[key] = cast
         return output
     if isinstance(template, list) and isinstance(output, (tuple, list)) and len(template) == len(output):
         items = [match_dtypes(t, o) for t, o in zip(template, output)]
