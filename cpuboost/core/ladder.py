@@ -99,8 +99,8 @@ def _restarts_warm(winner: Winner) -> bool:
     ``race.CLOSE`` of each other (timing noise on a shared CPU) the kept one serves: a BERT-style model's
     in-process dynamic Inductor graph won by 2% and a restart compiled it again (9 s), where OpenVINO's kept IR
     loads in 0.8 s."""
-    fn = winner.fn
-    return not winner.rung.compiled or any(callable(getattr(fn, name, None)) for name in ("keep_cached", "forget_cached"))
+    kept = (callable(getattr(winner.fn, name, None)) for name in ("keep_cached", "forget_cached"))
+    return not winner.rung.compiled or any(kept)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -207,8 +207,9 @@ class OptimizedModule(ModelProxy):
                 found.artifact_dir if found is not None else None)
             winner, rungs = ladder.climb(
                 stages, args, kwargs, reference=reference, yardstick=yardstick, eager=self._eager_original,
-                tolerance=options.tolerance, budget=0.0 if prefer else options.tune_budget, verify_outputs=options.verify,
-                signature=sig, decided=prefer, warm=self._warm.hints(found, prefer, reference_ms) if found else None,
+                tolerance=options.tolerance, budget=0.0 if prefer else options.tune_budget,
+                verify_outputs=options.verify, signature=sig, decided=prefer,
+                warm=self._warm.hints(found, prefer, reference_ms) if found else None,
                 probe=None if prefer else probe.other_length(args, kwargs, dims, self._original))
         record = GraphRecord(sig, "eager (original)", 0.0, "is the reference", rungs=rungs,
                              dynamic=", ".join(f"{w}:{d}" for w, d in dims.items()) if dims else "")
