@@ -110,6 +110,37 @@ def test_bert_kwargs_model_output_dynamic_sequence_fp32(bert):
         fn(inputs["input_ids"])  # positional instead of keyword
 
 
+def test_a_token_length_is_bounded_by_the_position_table_and_other_dims_are_not(bert):
+    """BERT's length dim converts as 1..512 (its position table: the CPU plugin runs a bounded length like a
+    static one), the batch dim unbounded; lengths inside the bound answer as eager does."""
+    notes = []
+    fn = build(bert, (), {k: v.expand(2, -1) for k, v in bert_inputs(16).items()}, torch.float32, notes.append,
+               dynamic_dims={"input_ids": [0, 1], "attention_mask": [0, 1]})
+    dims = next(n for n in notes if n.startswith("OpenVINO dynamic dims"))
+    assert "input_ids [?, 1..512]" in dims and "attention_mask [?, 1..512]" in dims, dims
+    for batch, seq in ((2, 16), (3, 40), (1, 512)):
+        inputs = {k: v.expand(batch, -1) for k, v in bert_inputs(seq, seed=seq).items()}
+        with torch.no_grad():
+            ref = bert(**inputs)
+        assert rel_err(fn(**inputs).last_hidden_state, ref.last_hidden_state) <= FP32_TOL, (batch, seq)
+
+
+def test_a_token_model_without_a_position_table_keeps_its_length_unbounded():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 8)
+
+        def forward(self, input_ids):
+            return self.embed(input_ids).sum(-1)
+
+    notes = []
+    fn = build(Tokens().eval(), (), {"input_ids": torch.randint(0, 50, (1, 8))}, torch.float32, notes.append,
+               dynamic_dims={"input_ids": [1]})
+    assert "input_ids [1, ?]" in next(n for n in notes if n.startswith("OpenVINO dynamic dims"))
+    assert fn(input_ids=torch.randint(0, 50, (1, 700))).shape == (1, 700)
+
+
 def test_bert_kwargs_static_bf16(bert):
     inputs = bert_inputs(16)
     fn = build(bert, (), inputs, torch.bfloat16, lambda _: None)
