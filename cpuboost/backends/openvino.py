@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 
 from ..core.probe import position_limit
 from ..core.signature import SEQUENCE_INPUTS
-from .openvino_io import _Flat, _Inputs, _key_name, _to_ov
+from .openvino_io import _bounded, _Flat, _Inputs, _key_name, _partial, _static, _to_ov
 
 try:
     from ..errors import CpuBoostError
@@ -58,23 +58,6 @@ def _ov_types():
     return {torch.float32: ov.Type.f32, torch.float16: ov.Type.f16, torch.bfloat16: ov.Type.bf16,
             torch.float64: ov.Type.f64, torch.int64: ov.Type.i64, torch.int32: ov.Type.i32,
             torch.int16: ov.Type.i16, torch.int8: ov.Type.i8, torch.uint8: ov.Type.u8, torch.bool: ov.Type.boolean}
-
-
-def _static(shape: list) -> bool:
-    return all(isinstance(d, int) and d >= 0 for d in shape)
-
-
-def _bounded(longest: int) -> Any:
-    import openvino as ov
-
-    return ov.Dimension(1, longest)
-
-
-def _partial(shape: list) -> Any:
-    """An OpenVINO PartialShape: ints as they are, -1 unbounded, Dimensions (bounded ranges) kept."""
-    import openvino as ov
-
-    return ov.PartialShape([d if isinstance(d, ov.Dimension) else ov.Dimension(d) for d in shape])
 
 
 def _input_shapes(inputs: _Inputs, dynamic_dims: dict | None, longest: int | None = None) -> list:

@@ -92,3 +92,20 @@ def _to_ov(tensor: torch.Tensor, ov_type, keep: list) -> Any:
     if tensor.dtype == torch.bfloat16:  # numpy has no bf16: hand OpenVINO the bits
         return ov.Tensor(tensor.view(torch.int16).numpy(), list(tensor.shape), ov_type)
     return ov.Tensor(tensor.numpy(), shared_memory=True)
+
+
+def _static(shape: list) -> bool:
+    return all(isinstance(d, int) and d >= 0 for d in shape)
+
+
+def _bounded(longest: int) -> Any:
+    import openvino as ov
+
+    return ov.Dimension(1, longest)
+
+
+def _partial(shape: list) -> Any:
+    """An OpenVINO PartialShape: ints as they are, -1 unbounded, Dimensions (bounded ranges) kept."""
+    import openvino as ov
+
+    return ov.PartialShape([d if isinstance(d, ov.Dimension) else ov.Dimension(d) for d in shape])
