@@ -79,8 +79,9 @@ def _beats(challenger: Winner, holder: Winner, args: tuple, kwargs: dict, probe:
             ratio *= long_mine / long_theirs if long_theirs else 1.0
     challenger.versus += ")"
     holder.versus += ")"
-    if abs(ratio - 1.0) <= race.CLOSE and _restarts_warm(challenger) != _restarts_warm(holder):
-        kept = challenger if _restarts_warm(challenger) else holder
+    challenger_warm = _restarts_warm(challenger)
+    if abs(ratio - 1.0) <= race.CLOSE and challenger_warm != _restarts_warm(holder):
+        kept = challenger if challenger_warm else holder
         kept.versus += f", within {race.CLOSE:.0%}: kept for a restart to load"
         (holder if kept is challenger else challenger).versus += f", within {race.CLOSE:.0%}{RECOMPILED}"
         return kept is challenger

@@ -39,15 +39,15 @@ def position_limit(model: Any) -> Optional[int]:
 def _resized(tensor: torch.Tensor, length: int) -> torch.Tensor:
     """``tensor`` with dim 1 tiled or cut to ``length``: token ids, masks and positions stay valid values."""
     repeats = -(-length // tensor.shape[1])
-    return torch.cat([tensor] * repeats, dim=1)[:, :length].contiguous() if repeats > 1 else \
-        tensor[:, :length].contiguous()
+    return torch.cat([tensor] * repeats, dim=1)[:, :length].contiguous()
 
 
 def other_length(args: tuple, kwargs: dict, dims: dict, model: Any) -> Optional[Probe]:
     """The call's token inputs (dynamic in dim 1, all one length) at the probe length; positional tensors and
     other inputs as they are. None when the call has no such inputs or no other length fits."""
-    names = [w for w, d in dims.items() if w in SEQUENCE_INPUTS and 1 in d and isinstance(kwargs.get(w), torch.Tensor)]
-    lengths = {kwargs[w].shape[1] for w in names if kwargs[w].dim() == 2}
+    names = [w for w, d in dims.items() if w in SEQUENCE_INPUTS and 1 in d
+             and isinstance(kwargs.get(w), torch.Tensor) and kwargs[w].dim() == 2]
+    lengths = {kwargs[w].shape[1] for w in names}
     if not names or len(lengths) != 1:
         return None
     length = probe_length(lengths.pop(), position_limit(model))
