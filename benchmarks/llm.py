@@ -237,17 +237,19 @@ def _first_calls(generate, shapes: list, new: int, weight_bytes) -> dict:
     return done
 
 
-def _timings(generate, shapes: list, new: int, rounds: int) -> dict:
-    """{(prompt, batch): (best full-generate ms, best time-to-first-token ms)}, the shapes' rounds interleaved:
-    the machine's bandwidth drifts by a quarter over minutes here, and a ratio between shapes (batch 4 against
-    batch 1) must not be a ratio between two minutes."""
-    best: dict = {shape: [float("inf"), float("inf")] for shape in shapes}
+def _timings(paths: dict, shapes: list, new: int, rounds: int) -> dict:
+    """{(path, prompt, batch): (best full-generate ms, best time-to-first-token ms)}, paths and shapes interleaved
+    in every round: the machine's bandwidth drifts by a quarter over minutes here, and a ratio between paths (int8
+    against bf16) or shapes (batch 4 against batch 1) must not be a ratio between two minutes."""
+    best: dict = {(name, *shape): [float("inf"), float("inf")] for name in paths for shape in shapes}
     for _ in range(rounds):
-        for prompt, batch in shapes:
-            ids = torch_randint(prompt, batch)
-            full = _timed(lambda: generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)) * 1e3
-            ttft = _timed(lambda: generate(ids, max_new_tokens=1, do_sample=False)) * 1e3
-            best[prompt, batch] = [min(best[prompt, batch][0], full), min(best[prompt, batch][1], ttft)]
+        for name, generate in paths.items():
+            for prompt, batch in shapes:
+                ids = torch_randint(prompt, batch)
+                full = _timed(lambda: generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)) * 1e3
+                ttft = _timed(lambda: generate(ids, max_new_tokens=1, do_sample=False)) * 1e3
+                key = (name, prompt, batch)
+                best[key] = [min(best[key][0], full), min(best[key][1], ttft)]
     return best
 
 
@@ -273,29 +275,29 @@ def main() -> None:
           f"per-token matmuls), prompts {a.prompts} + {a.new} new tokens, {a.threads} threads, torch "
           f"{torch.__version__}, transformers {transformers.__version__}; read bandwidth {bandwidth:.1f} GB/s, bf16 "
           f"matmul peak {peak:.0f} GFLOP/s; load {open('/proc/loadavg').read().split()[:3]}", flush=True)
-    rows, reference = [], {}
+    shapes = [(prompt, batch) for prompt in prompts for batch in batches]
+    built = {}  # every path built and its shapes' first calls made before any timing
     for name, build in _paths(model, a.paths.split(","), a.threads).items():
         started = time.perf_counter()
         try:  # built once, then every prompt and batch: a new shape's first call is that shape's build
             generate, weight_bytes = build()
-        except Exception as exc:  # a path this environment cannot run: say why, go on
-            print(f"{name}: skipped ({type(exc).__name__}: {str(exc)[:160]})", flush=True)
-            continue
-        build_s = time.perf_counter() - started
-        shapes = [(prompt, batch) for prompt in prompts for batch in batches]
-        try:
+            build_s = time.perf_counter() - started
             firsts = _first_calls(generate, shapes, a.new, weight_bytes)
             waited = time.perf_counter()
             if hasattr(generate, "wait"):  # no timing while a background build shares the cores
                 generate.wait()
                 print(f"{name}: background builds (the compiled prefill) done {time.perf_counter() - waited:.0f} s "
                       "after the first calls", flush=True)
-            timings = _timings(generate, shapes, a.new, a.rounds)
-        except Exception as exc:
+        except Exception as exc:  # a path this environment cannot run: say why, go on
             print(f"{name}: skipped ({type(exc).__name__}: {str(exc)[:160]})", flush=True)
             continue
+        built[name] = generate, firsts, build_s
+        print(f"{name}: built, first calls {sum(f[1] for f in firsts.values()) + build_s:.0f} s", flush=True)
+    timings = _timings({name: g for name, (g, _, _) in built.items()}, shapes, a.new, a.rounds)
+    rows, reference = [], {}
+    for name, (generate, firsts, build_s) in built.items():
         for prompt, batch in shapes:
-            (tokens, first_call, nbytes), (total, ttft) = firsts[prompt, batch], timings[prompt, batch]
+            (tokens, first_call, nbytes), (total, ttft) = firsts[prompt, batch], timings[name, prompt, batch]
             first_call, build_s = first_call + build_s, 0.0
             per_token = (total - ttft) / (a.new - 1)
             gbs = nbytes / (per_token / 1e3) / 1e9
@@ -314,7 +316,6 @@ def main() -> None:
                    "tokens_equal_fp32": agree, "load": open("/proc/loadavg").read().split()[0]}
             rows.append(row)
             print(json.dumps(row), flush=True)
-        del generate, weight_bytes
     print("\n| path | prompt | batch | decode ms/token | tokens/s | MB weights/token | % read bw | TTFT ms | "
           "prefill GFLOP/s (% peak) | first call s | tokens = fp32 | load |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

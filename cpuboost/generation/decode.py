@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .cache import unmark_static
+from .weights import inductor_options
 
 # Inductor settings per build attempt, best first. The C++ GEMM template (the only GEMM backend: no benchmarking)
 # packs each frozen weight for its own micro-kernels: one-row matmuls 3.2x (bf16) / 1.9x (fp32) faster than the
@@ -81,7 +82,7 @@ class DecodeStep(Step):
         exec(compile(source, f"<cpuboost-decode-{next(_counter)}>", "exec"), {"model": model}, namespace)
         self._compiled = torch.compile(namespace["decode_step"], backend="inductor", dynamic=False)
         self._run_only = torch._dynamo.run(namespace["decode_step"])
-        self.model, self.options = model, options
+        self.model, self.options = model, inductor_options(model, options)
 
     def _run(self, *args: Any, **kwargs: Any) -> Any:
         if self.built:
@@ -90,9 +91,11 @@ class DecodeStep(Step):
 
         from ..backends.bf16_dot import bf16_dot_gemms
         from ..backends.inductor import config_lock, templates_parsed_once
+        from ..backends.int8_dot import int8_dot_gemms
 
         # as every Inductor build: no other compile under the patch
-        with config_lock(), inductor_config.patch(self.options), templates_parsed_once(), bf16_dot_gemms():
+        with config_lock(), inductor_config.patch(self.options), templates_parsed_once(), bf16_dot_gemms(), \
+                int8_dot_gemms():
             return self._compiled(*args, **kwargs)
 
 

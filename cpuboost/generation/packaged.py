@@ -194,7 +194,7 @@ def compile_unit(step: ExportedStep, options: dict, unit: Path, *, nice: int = 0
     program = save_program(step.program, str(unit / "decode.pt2"))
     step.program = None  # the weights it holds go as soon as they are written
     try:
-        compile_saved(program, str(unit / "decode.pt2"), configs, nice=nice, bf16_dot=True)
+        compile_saved(program, str(unit / "decode.pt2"), configs, nice=nice, kernels=True)
     finally:
         program.unlink(missing_ok=True)
     _drop_inductor_copy(unit / "decode.pt2")

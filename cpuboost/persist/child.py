@@ -25,19 +25,19 @@ log = logging.getLogger("cpuboost")
 
 # The child imports torch only (not cpuboost: it may not be importable from a fresh interpreter's path).
 _CHILD = """
-import json, sys
+import json, os, sys
 import torch
 program, package, configs, threads, kernels = sys.argv[1:6]
 torch.set_num_threads(int(threads))  # Inductor sizes its parallel loops by this: the same code as in-process
 from torch import _inductor
 import contextlib
-scope = contextlib.nullcontext()
-if kernels:  # cpuboost's bf16 dot-product GEMM kernel, loaded from its file (backends/bf16_dot.py: torch only)
+stack = contextlib.ExitStack()
+for path in filter(None, kernels.split(os.pathsep)):  # cpuboost's GEMM kernels (backends/*_dot.py: torch only)
     import importlib.util
-    spec = importlib.util.spec_from_file_location("cpuboost_bf16_dot", kernels)
+    spec = importlib.util.spec_from_file_location("cpuboost_" + os.path.basename(path)[:-3], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    scope = module.bf16_dot_gemms()
+    stack.enter_context(module.gemms())
 try:  # each GEMM template's jinja source parsed once, not per GEMM (cpuboost.backends.inductor.templates_parsed_once)
     import functools
     from torch._inductor.codegen.common import KernelTemplate
@@ -45,7 +45,7 @@ try:  # each GEMM template's jinja source parsed once, not per GEMM (cpuboost.ba
     KernelTemplate._template_from_string = staticmethod(functools.lru_cache(maxsize=None)(_parse))
 except Exception as exc:  # another torch: templates parsed per use, as Inductor does; said on stderr
     print(f"cpuboost: GEMM templates parsed per use ({type(exc).__name__}: {exc})", file=sys.stderr)
-with torch.no_grad(), scope:  # freezing (weight prepacking, constant folding) applies only without grad
+with torch.no_grad(), stack:  # freezing (weight prepacking, constant folding) applies only without grad
     _inductor.aoti_compile_and_package(torch.export.load(program), package_path=package,
                                        inductor_configs=json.loads(configs))
 """
@@ -87,15 +87,16 @@ def save_program(exported: Any, package_path: str) -> Path:
     return program
 
 
-def compile_saved(program: Path, package_path: str, configs: dict, *, nice: int = 0, bf16_dot: bool = False) -> None:
+def compile_saved(program: Path, package_path: str, configs: dict, *, nice: int = 0, kernels: bool = False) -> None:
     """Compile a saved program in a child process (``nice``: its scheduling priority lowered by that much,
-    for a compile in the background of a process that is serving; ``bf16_dot``: with the kernel of
-    ``backends.bf16_dot``, as the in-process decode graph was built). Raises ``ChildCompileError``."""
+    for a compile in the background of a process that is serving; ``kernels``: with cpuboost's GEMM kernels of
+    ``backends.bf16_dot`` and ``backends.int8_dot``, as the in-process decode graph was built). Raises ``ChildCompileError``."""
     package = Path(package_path)
     lower = (lambda: os.nice(nice)) if nice else None
-    kernels = str(Path(__file__).resolve().parent.parent / "backends" / "bf16_dot.py") if bf16_dot else ""
+    backends = Path(__file__).resolve().parent.parent / "backends"
+    files = os.pathsep.join(str(backends / name) for name in ("bf16_dot.py", "int8_dot.py")) if kernels else ""
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(program), str(package), json.dumps(configs),
-                           str(torch.get_num_threads()), kernels], capture_output=True, text=True, check=False,
+                           str(torch.get_num_threads()), files], capture_output=True, text=True, check=False,
                           stdin=subprocess.DEVNULL, env=dict(os.environ), preexec_fn=lower)
     if proc.returncode != 0 or not package.is_file() or package.stat().st_size == 0:
         tail = [line for line in (proc.stderr or "").splitlines() if line.strip()][-1:] or ["no output"]
