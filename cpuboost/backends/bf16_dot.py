@@ -17,6 +17,8 @@ from typing import Iterator
 
 import torch
 
+from .micro_kernels import PANELS, recent_torch, registered
+
 log = logging.getLogger("cpuboost")
 
 MIN_ROWS = 2  # one row reads the weights at the memory's speed with the fp32 kernel already
@@ -24,18 +26,7 @@ MIN_ROWS = 2  # one row reads the weights at the memory's speed with the fp32 ke
 _ENTRY = r"""
 {{declare_kernel}} {
     {{kernel.assert_function}}(K % 2 == 0, "K must be even for the bf16 dot-product kernel");
-{%- if pack_vnni_B_locally %}
-    {{template.codegen_allocate_weight_buffer("packed_B_buf", input2_t, "K", block_n)}}
-{%- endif %}
-    for (int64_t n = 0; n < N; n += {{block_n}}) {
-{%- if pack_vnni_B_locally %}
-        at::vec::pack_vnni2(B + n, packed_B_buf, ldb, K, {{block_n}});
-        const {{input2_t}}* panel = packed_B_buf;
-        const int64_t panel_ldb = {{block_n}};
-{%- else %}
-        const {{input2_t}}* panel = B + 2 * n;
-        const int64_t panel_ldb = ldb;
-{%- endif %}
+""" + PANELS + r"""
         for (int64_t m = 0; m < M; m += {{block_m}}) {
             int64_t rows = std::min<int64_t>(M - m, {{block_m}});
             switch (rows) {
@@ -99,16 +90,12 @@ void {{kernel_name}}_dot(
 """
 
 
-TORCH_FROM = "2.13"  # the template API it was written against (torch 2.8's emits code it does not compile with)
-
-
 def available() -> bool:
     """AVX512_BF16 without AMX (with AMX, Inductor's AMX kernel is the faster one), on a torch it was tested on."""
     cpu = torch.cpu
     try:
-        recent = torch.torch_version.TorchVersion(torch.__version__.split("+")[0]) >= TORCH_FROM
-        return recent and bool(cpu._is_avx512_bf16_supported()) and not cpu._is_amx_tile_supported()
-    except (AttributeError, ValueError):
+        return recent_torch() and bool(cpu._is_avx512_bf16_supported()) and not cpu._is_amx_tile_supported()
+    except AttributeError:
         return False
 
 
@@ -151,15 +138,6 @@ def bf16_dot_gemms() -> Iterator[None]:
         log.info("cpuboost: bf16 dot-product GEMM kernel not used (%s: %s)", type(exc).__name__, exc)
         yield
         return
-    registry = micro.micro_gemm_configs
-    registry[cls] = configs
-    # the registry is read in order and the first of equal ranks wins: this kernel goes first
-    others = [(key, registry.pop(key)) for key in list(registry) if key is not cls]
-    registry.update(others)
-    try:
+    with registered(micro, cls, configs):
         yield
-    finally:
-        registry.pop(cls, None)
 
-
-gemms = bf16_dot_gemms  # the name a compile child looks for (persist/child.py)

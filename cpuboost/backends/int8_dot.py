@@ -22,6 +22,8 @@ from typing import Iterator
 
 import torch
 
+from .micro_kernels import PANELS, recent_torch, registered
+
 log = logging.getLogger("cpuboost")
 
 MAX_ROWS = 16  # decode-sized GEMMs; a prefill's many rows keep Inductor's own kernels
@@ -152,18 +154,7 @@ _ENTRY = r"""
     if (rows.a != A || rows.m != M || rows.k != K || rows.lda != lda) {
         {{kernel_name}}_quantize(A, M, K, lda, rows);  // once per A block and thread, not per column block
     }
-{%- if pack_vnni_B_locally %}
-    {{template.codegen_allocate_weight_buffer("packed_B_buf", input2_t, "K", block_n)}}
-{%- endif %}
-    for (int64_t n = 0; n < N; n += {{block_n}}) {
-{%- if pack_vnni_B_locally %}
-        at::vec::pack_vnni2(B + n, packed_B_buf, ldb, K, {{block_n}});
-        const {{input2_t}}* panel = packed_B_buf;
-        const int64_t panel_ldb = {{block_n}};
-{%- else %}
-        const {{input2_t}}* panel = B + 2 * n;
-        const int64_t panel_ldb = ldb;
-{%- endif %}
+""" + PANELS + r"""
         for (int64_t m = 0; m < M; m += {{block_m}}) {
             const int16_t* codes = rows.codes.data() + m * rows.width;
             const float* scales = rows.scales.data() + m * rows.chunks;
@@ -180,15 +171,11 @@ _ENTRY = r"""
 }
 """
 
-TORCH_FROM = "2.13"  # the template API it was written against
-
-
 def available() -> bool:
     """AVX512_VNNI (with AVX512BW), on a torch it was tested on."""
     try:
-        recent = torch.torch_version.TorchVersion(torch.__version__.split("+")[0]) >= TORCH_FROM
-        return recent and bool(torch.cpu._is_avx512_supported()) and bool(torch.cpu._is_vnni_supported())
-    except (AttributeError, ValueError):
+        return recent_torch() and bool(torch.cpu._is_avx512_supported()) and bool(torch.cpu._is_vnni_supported())
+    except AttributeError:
         return False
 
 
@@ -242,14 +229,6 @@ def int8_dot_gemms() -> Iterator[None]:
         log.info("cpuboost: int8 dot-product GEMM kernel not used (%s: %s)", type(exc).__name__, exc)
         yield
         return
-    registry = micro.micro_gemm_configs
-    registry[cls] = configs
-    others = [(key, registry.pop(key)) for key in list(registry) if key is not cls]  # first of equal ranks wins
-    registry.update(others)
-    try:
+    with registered(micro, cls, configs):
         yield
-    finally:
-        registry.pop(cls, None)
 
-
-gemms = int8_dot_gemms  # the name a compile child looks for (persist/child.py)

@@ -23,21 +23,22 @@ import torch
 
 log = logging.getLogger("cpuboost")
 
-# The child imports torch only (not cpuboost: it may not be importable from a fresh interpreter's path).
+# The child imports torch, and cpuboost's kernels from the folder this cpuboost was imported from (a fresh
+# interpreter's path may hold another cpuboost, or none).
 _CHILD = """
-import json, os, sys
+import json, sys
 import torch
 program, package, configs, threads, kernels = sys.argv[1:6]
 torch.set_num_threads(int(threads))  # Inductor sizes its parallel loops by this: the same code as in-process
 from torch import _inductor
 import contextlib
 stack = contextlib.ExitStack()
-for path in filter(None, kernels.split(os.pathsep)):  # cpuboost's GEMM kernels (backends/*_dot.py: torch only)
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("cpuboost_" + os.path.basename(path)[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    stack.enter_context(module.gemms())
+if kernels:  # cpuboost's GEMM micro-kernels (backends/*_dot.py), from the cpuboost that started this child
+    sys.path.insert(0, kernels)
+    from cpuboost.backends.bf16_dot import bf16_dot_gemms
+    from cpuboost.backends.int8_dot import int8_dot_gemms
+    stack.enter_context(bf16_dot_gemms())
+    stack.enter_context(int8_dot_gemms())
 try:  # each GEMM template's jinja source parsed once, not per GEMM (cpuboost.backends.inductor.templates_parsed_once)
     import functools
     from torch._inductor.codegen.common import KernelTemplate
@@ -93,10 +94,9 @@ def compile_saved(program: Path, package_path: str, configs: dict, *, nice: int 
     ``backends.bf16_dot`` and ``backends.int8_dot``, as the in-process decode graph was built). Raises ``ChildCompileError``."""
     package = Path(package_path)
     lower = (lambda: os.nice(nice)) if nice else None
-    backends = Path(__file__).resolve().parent.parent / "backends"
-    files = os.pathsep.join(str(backends / name) for name in ("bf16_dot.py", "int8_dot.py")) if kernels else ""
+    root = str(Path(__file__).resolve().parent.parent.parent) if kernels else ""
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(program), str(package), json.dumps(configs),
-                           str(torch.get_num_threads()), files], capture_output=True, text=True, check=False,
+                           str(torch.get_num_threads()), root], capture_output=True, text=True, check=False,
                           stdin=subprocess.DEVNULL, env=dict(os.environ), preexec_fn=lower)
     if proc.returncode != 0 or not package.is_file() or package.stat().st_size == 0:
         tail = [line for line in (proc.stderr or "").splitlines() if line.strip()][-1:] or ["no output"]
