@@ -11,15 +11,9 @@ accumulators: twice the multiply-adds per instruction, no conversion. Weights ar
 (hold ``config_lock``: the registry is process-wide); a user's own ``torch.compile`` never sees it."""
 from __future__ import annotations
 
-import contextlib
-import logging
-from typing import Iterator
-
 import torch
 
-from .micro_kernels import PANELS, recent_torch, registered
-
-log = logging.getLogger("cpuboost")
+from .micro_kernels import PANELS, kernel_scope, recent_torch, vnni2_kernel_class
 
 MIN_ROWS = 2  # one row reads the weights at the memory's speed with the fp32 kernel already
 
@@ -99,45 +93,21 @@ def available() -> bool:
         return False
 
 
-def _kernel_class():
+def _kernel():
     import torch._inductor.compile_fx  # noqa: F401 - Inductor's codegen modules import in this order only
     from torch._inductor.codegen import cpp_micro_gemm as micro
-    from torch._inductor.codegen.common import KernelTemplate
+    from torch._inductor.cpu_vec_isa import VecAVX512
 
-    class CppMicroGemmBF16Dot(micro.CppMicroGemm):
-        def codegen_define(self, kernel) -> str:
-            block_m, block_n, _ = self.register_blocking
-            options = {"declare_kernel": self.get_kernel_declaration(), "kernel": kernel,
-                       "block_m": block_m, "block_n": block_n, **self.get_common_options()}
-            render = KernelTemplate._template_from_string
-            return render(_KERNEL).render(options) + render(_ENTRY).render(options)
-
-        def get_b_layout(self):
-            return micro.LayoutType.VNNI2
-
-    return micro, CppMicroGemmBF16Dot
+    cls = vnni2_kernel_class(micro, "CppMicroGemmBF16Dot", (_KERNEL, _ENTRY))
+    configs = micro.generate_gemm_config(VecAVX512, [(4, 64, 2), (4, 32, 2)], input_dtype=torch.bfloat16,
+                                         output_dtype=torch.float, extra_check=_rows_and_even_k)
+    return micro, cls, configs
 
 
 def _rows_and_even_k(config, m, n, k, alpha, num_threads, **kwargs) -> bool:
     return m >= MIN_ROWS and k % 2 == 0 and alpha == 1 and n % config.register_blocking.block_n == 0
 
 
-@contextlib.contextmanager
-def bf16_dot_gemms() -> Iterator[None]:
+def bf16_dot_gemms():
     """Inside: bf16 GEMMs of two rows or more get the dot-product kernel (where ``available()``)."""
-    if not available():
-        yield
-        return
-    try:
-        micro, cls = _kernel_class()
-        from torch._inductor.cpu_vec_isa import VecAVX512
-
-        configs = micro.generate_gemm_config(VecAVX512, [(4, 64, 2), (4, 32, 2)], input_dtype=torch.bfloat16,
-                                             output_dtype=torch.float, extra_check=_rows_and_even_k)
-    except (ImportError, AttributeError, TypeError) as exc:  # another torch: its own kernels
-        log.info("cpuboost: bf16 dot-product GEMM kernel not used (%s: %s)", type(exc).__name__, exc)
-        yield
-        return
-    with registered(micro, cls, configs):
-        yield
-
+    return kernel_scope(available(), "bf16 dot-product", _kernel)

@@ -16,18 +16,12 @@ carry), quantized once per GEMM call and thread; each 512-column chunk's int32 s
 CPUs Inductor's AMX kernel keeps the GEMMs of 5 rows and more (it ranks higher and takes them)."""
 from __future__ import annotations
 
-import contextlib
-import logging
-from typing import Iterator
-
 import torch
 
-from .micro_kernels import PANELS, recent_torch, registered
-
-log = logging.getLogger("cpuboost")
+from .micro_kernels import PANELS, kernel_scope, recent_torch, vnni2_kernel_class
 
 MAX_ROWS = 16  # decode-sized GEMMs; a prefill's many rows keep Inductor's own kernels
-PREFETCH = 256  # rows of K ahead (8 KiB of a 32-column panel): 1.80x bf16 against 1.61-1.75x at 32-1024 here
+PREFETCH = 256  # rows of K ahead (8 KiB of a 32-column panel): 1.80x bf16 against 1.55-1.75x at 32-1024 here
 CHUNK = 512  # columns per activation scale: int32 sums of 512 int16 x int8 products cannot overflow
 
 _ROWS = r"""
@@ -171,6 +165,7 @@ _ENTRY = r"""
 }
 """
 
+
 def available() -> bool:
     """AVX512_VNNI (with AVX512BW), on a torch it was tested on."""
     try:
@@ -179,19 +174,13 @@ def available() -> bool:
         return False
 
 
-def _kernel_class():
+def _kernel():
     import torch._inductor.compile_fx  # noqa: F401 - Inductor's codegen modules import in this order only
     from torch._inductor.codegen import cpp_micro_gemm as micro
-    from torch._inductor.codegen.common import KernelTemplate
+    from torch._inductor.cpu_vec_isa import VecAVX512VNNI
 
-    class CppMicroGemmInt8Dot(micro.CppMicroGemm):
-        def codegen_define(self, kernel) -> str:
-            block_m, block_n, _ = self.register_blocking
-            options = {"declare_kernel": self.get_kernel_declaration(), "kernel": kernel, "chunk": CHUNK, "prefetch": PREFETCH,
-                       "block_m": block_m, "block_n": block_n, **self.get_common_options()}
-            render = KernelTemplate._template_from_string
-            return render(_ROWS).render(options) + render(_ENTRY).render(options)
-
+    class CppMicroGemmInt8Dot(vnni2_kernel_class(micro, "CppMicroGemmInt8DotBase", (_ROWS, _ENTRY),
+                                                 chunk=CHUNK, prefetch=PREFETCH)):
         def get_kernel_extra_args_declare(self) -> str:
             return f"{self.name}_rows& rows,"
 
@@ -201,10 +190,10 @@ def _kernel_class():
         def codegen_init(self, kernel) -> str:
             return f"{self.name}_rows rows;  // this thread's quantized activation rows"
 
-        def get_b_layout(self):
-            return micro.LayoutType.VNNI2
-
-    return micro, CppMicroGemmInt8Dot
+    configs = micro.generate_gemm_config(VecAVX512VNNI, [(4, 32, 2)], input_dtype=torch.bfloat16,
+                                         input2_dtype=torch.int8, output_dtype=torch.float,
+                                         compute_dtype=torch.float, extra_check=_fits)
+    return micro, CppMicroGemmInt8Dot, configs
 
 
 def _fits(config, m, n, k, alpha, num_threads, **kwargs) -> bool:
@@ -212,23 +201,6 @@ def _fits(config, m, n, k, alpha, num_threads, **kwargs) -> bool:
             and not kwargs.get("q_group_size"))
 
 
-@contextlib.contextmanager
-def int8_dot_gemms() -> Iterator[None]:
+def int8_dot_gemms():
     """Inside: weight-only int8 GEMMs (bf16 activations) of up to ``MAX_ROWS`` rows get the int16 kernel."""
-    if not available():
-        yield
-        return
-    try:
-        micro, cls = _kernel_class()
-        from torch._inductor.cpu_vec_isa import VecAVX512VNNI
-
-        configs = micro.generate_gemm_config(VecAVX512VNNI, [(4, 32, 2)], input_dtype=torch.bfloat16,
-                                             input2_dtype=torch.int8, output_dtype=torch.float,
-                                             compute_dtype=torch.float, extra_check=_fits)
-    except (ImportError, AttributeError, TypeError) as exc:  # another torch: its own kernels
-        log.info("cpuboost: int8 dot-product GEMM kernel not used (%s: %s)", type(exc).__name__, exc)
-        yield
-        return
-    with registered(micro, cls, configs):
-        yield
-
+    return kernel_scope(available(), "int8 dot-product", _kernel)

@@ -1,11 +1,15 @@
 """What cpuboost's micro-kernels for Inductor's C++ GEMM template share (backends/bf16_dot.py, int8_dot.py):
-the walk over VNNI2 weight panels their entry functions make, and registering a kernel for some builds only."""
+the walk over VNNI2 weight panels their entry functions make, their kernel class, and registering a kernel for
+some builds only."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import logging
+from typing import Callable, Iterator
 
 import torch
+
+log = logging.getLogger("cpuboost")
 
 TORCH_FROM = "2.13"  # the template API they were written against (torch 2.8's emits code they do not compile with)
 
@@ -31,6 +35,38 @@ def recent_torch() -> bool:
         return torch.torch_version.TorchVersion(torch.__version__.split("+")[0]) >= TORCH_FROM
     except ValueError:
         return False
+
+
+def vnni2_kernel_class(micro, name: str, sources: tuple, **constants):
+    """A micro-kernel class of Inductor's ``micro`` module named ``name``, whose C++ is ``sources`` (jinja, in
+    order) rendered with the template's options, its register blocking and ``constants``; weights in VNNI2."""
+    from torch._inductor.codegen.common import KernelTemplate
+
+    def codegen_define(self, kernel) -> str:
+        block_m, block_n, _ = self.register_blocking
+        options = {"declare_kernel": self.get_kernel_declaration(), "kernel": kernel, "block_m": block_m,
+                   "block_n": block_n, **constants, **self.get_common_options()}
+        return "".join(KernelTemplate._template_from_string(source).render(options) for source in sources)
+
+    return type(name, (micro.CppMicroGemm,), {"codegen_define": codegen_define,
+                                               "get_b_layout": lambda self: micro.LayoutType.VNNI2})
+
+
+@contextlib.contextmanager
+def kernel_scope(usable: bool, what: str, make: Callable) -> Iterator[None]:
+    """Inside: the kernel ``make()`` returns as ``(micro, cls, configs)`` registered, where ``usable``; a torch
+    whose template API differs keeps its own kernels (logged)."""
+    if not usable:
+        yield
+        return
+    try:
+        micro, cls, configs = make()
+    except (ImportError, AttributeError, TypeError) as exc:
+        log.info("cpuboost: %s GEMM kernel not used (%s: %s)", what, type(exc).__name__, exc)
+        yield
+        return
+    with registered(micro, cls, configs):
+        yield
 
 
 @contextlib.contextmanager

@@ -90,13 +90,11 @@ class DecodeStep(Step):
             return self._run_only(*args, **kwargs)
         import torch._inductor.config as inductor_config
 
-        from ..backends.bf16_dot import bf16_dot_gemms
         from ..backends.inductor import config_lock, templates_parsed_once
-        from ..backends.int8_dot import int8_dot_gemms
+        from ..backends.gemm_kernels import cpuboost_gemms
 
         # as every Inductor build: no other compile under the patch
-        with config_lock(), inductor_config.patch(self.options), templates_parsed_once(), bf16_dot_gemms(), \
-                int8_dot_gemms():
+        with config_lock(), inductor_config.patch(self.options), templates_parsed_once(), cpuboost_gemms():
             return self._compiled(*args, **kwargs)
 
 

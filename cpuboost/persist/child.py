@@ -32,13 +32,11 @@ program, package, configs, threads, kernels = sys.argv[1:6]
 torch.set_num_threads(int(threads))  # Inductor sizes its parallel loops by this: the same code as in-process
 from torch import _inductor
 import contextlib
-stack = contextlib.ExitStack()
+scope = contextlib.nullcontext()
 if kernels:  # cpuboost's GEMM micro-kernels (backends/*_dot.py), from the cpuboost that started this child
     sys.path.insert(0, kernels)
-    from cpuboost.backends.bf16_dot import bf16_dot_gemms
-    from cpuboost.backends.int8_dot import int8_dot_gemms
-    stack.enter_context(bf16_dot_gemms())
-    stack.enter_context(int8_dot_gemms())
+    from cpuboost.backends.gemm_kernels import cpuboost_gemms
+    scope = cpuboost_gemms()
 try:  # each GEMM template's jinja source parsed once, not per GEMM (cpuboost.backends.inductor.templates_parsed_once)
     import functools
     from torch._inductor.codegen.common import KernelTemplate
@@ -46,7 +44,7 @@ try:  # each GEMM template's jinja source parsed once, not per GEMM (cpuboost.ba
     KernelTemplate._template_from_string = staticmethod(functools.lru_cache(maxsize=None)(_parse))
 except Exception as exc:  # another torch: templates parsed per use, as Inductor does; said on stderr
     print(f"cpuboost: GEMM templates parsed per use ({type(exc).__name__}: {exc})", file=sys.stderr)
-with torch.no_grad(), stack:  # freezing (weight prepacking, constant folding) applies only without grad
+with torch.no_grad(), scope:  # freezing (weight prepacking, constant folding) applies only without grad
     _inductor.aoti_compile_and_package(torch.export.load(program), package_path=package,
                                        inductor_configs=json.loads(configs))
 """
