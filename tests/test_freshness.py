@@ -152,3 +152,21 @@ def test_the_watch_keeps_sampled_memory_alive_when_data_is_rebound():
     fresh = [torch.empty(256, 256) for _ in range(64)]
     assert old_address not in {t.data_ptr() for t in fresh}
     assert watch.changed() == "a weight was rebound (.data = ...)"
+
+
+def test_a_checkpoint_is_not_an_edit_but_a_config_switch_is(tmp_path):
+    """transformers' save_pretrained writes ``config.architectures`` and ``config.dtype``: metadata no forward
+    reads, so a checkpoint must not rebuild every graph; a config field forward reads still rebuilds."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from cpuboost.core.freshness import WeightWatch
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64)).eval()
+    watch = WeightWatch(model)
+    model.save_pretrained(tmp_path)
+    assert model.config.architectures == ["Qwen2ForCausalLM"]  # the write this test is about happened
+    assert watch.changed() is None
+    model.config.output_hidden_states = not model.config.output_hidden_states
+    assert watch.changed() == "a plain attribute of the model (or its config) changed"

@@ -26,6 +26,11 @@ SAMPLES_PER_TENSOR = 8
 _DATA_PTR = torch.Tensor.data_ptr
 _VERSION = operator.attrgetter("_version")
 _PLAIN = (bool, int, float, str, type(None), tuple)
+# Config fields that record where a model came from or how it was saved, read by no forward: transformers'
+# save_pretrained sets ``architectures`` and ``dtype`` (None before), so watching them rebuilt every graph after
+# each checkpoint (Qwen2-shaped, 12 layers: the next generate() took 25 s instead of 1).
+CONFIG_METADATA = frozenset({"architectures", "dtype", "torch_dtype", "transformers_version", "name_or_path",
+                             "auto_map", "custom_pipelines"})
 
 
 class _Sampler:
@@ -124,7 +129,8 @@ class WeightWatch:
         if config is not None and hasattr(config, "__dict__") and not isinstance(config, nn.Module):
             owners.append(config)
         found = [(owner, name, value) for owner in owners for name, value in vars(owner).items()
-                 if not name.startswith("_") and name != "training" and isinstance(value, _PLAIN)]
+                 if not name.startswith("_") and name != "training" and isinstance(value, _PLAIN)
+                 and not (owner is config and name in CONFIG_METADATA)]
         self.attr_dicts = [vars(o) for o, _, _ in found]  # read with dict.get: a deleted attribute reads as None
         self.attr_names = [n for _, n, _ in found]
         self.attr_values = [v for _, _, v in found]
