@@ -103,6 +103,9 @@ def config_lock() -> Any:
     compiles one frame at a time anyway."""
     from torch._dynamo.convert_frame import compile_lock
 
+    from ..integrations.transformers_guards import steady_output_registration
+
+    steady_output_registration()  # every cpuboost build takes this lock: its graphs keep serving (see there)
     return compile_lock
 
 

@@ -213,7 +213,9 @@ def set_fused_groups(opt: torch.optim.Optimizer, groups: Optional[frozenset[int]
 def compiled_training(model: nn.Module, args: tuple, kwargs: dict, ctx: PassContext) -> Callable:
     """torch.compile (Inductor, no freezing) of the autocast forward; backward compiled by AOTAutograd."""
     from ..core.precision import fresh_runner
+    from ..integrations.transformers_guards import steady_output_registration
 
+    steady_output_registration()
     return torch.compile(fresh_runner(model, ctx.options.dtype), backend="inductor")
 
 
