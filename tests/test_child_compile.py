@@ -1,6 +1,7 @@
 """AOTInductor compiles in a child process (the compile's leftovers leave with it); where the child cannot
 run, the same compile runs in this process."""
 import logging
+import os
 import sys
 import zipfile
 
@@ -39,3 +40,18 @@ def test_without_a_child_the_compile_runs_here(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
     messages = _compile(tmp_path, caplog)
     assert any("compile in this process (the child could not" in m for m in messages), messages
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="no SCHED_IDLE on this platform")
+def test_a_background_compile_child_runs_only_on_idle_cores():
+    """The child a serving process starts for a package compile: niced and in the idle scheduling class."""
+    import subprocess
+    import sys
+
+    from cpuboost.persist.child import _yield_cpu
+
+    base = os.nice(0)
+    out = subprocess.run([sys.executable, "-c", "import os; print(os.sched_getscheduler(0), os.nice(0))"],
+                         capture_output=True, text=True, check=True, preexec_fn=lambda: _yield_cpu(10)).stdout
+    policy, nice = map(int, out.split())
+    assert policy == os.SCHED_IDLE and nice == min(base + 10, 19)

@@ -167,6 +167,31 @@ def test_fp32_compiled_greedy_tokens_identical_to_eager(llama, ids):
     assert _untouched(llama, before)
 
 
+def test_a_decode_graph_whose_guards_start_rejecting_is_rebuilt_not_left_eager(llama, ids):
+    """torch.set_num_threads after the build fails every graph's global-state guard; decode steps serve in
+    run-only mode, which then ran eagerly without a word. The runner sees it, says so, and builds again."""
+    notes = []
+    runner = GenerationRunner(llama, torch.float32, notes.append, race=False)
+    expected = _eager(llama, ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(runner.generate(ids, max_new_tokens=8, do_sample=False), expected)
+    first = runner._copies.steps[1, 128]
+    assert first.missed == 0, notes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        with pytest.warns(RuntimeWarning, match="stopped serving"):
+            assert torch.equal(runner.generate(ids, max_new_tokens=8, do_sample=False), expected)
+        assert first.missed > 0 and (1, 128) not in runner._copies.steps, notes
+        assert torch.equal(runner.generate(ids, max_new_tokens=8, do_sample=False), expected)  # built again
+        second = runner._copies.steps[1, 128]
+        assert second is not first and second.missed == 0, notes
+        assert torch.equal(runner.generate(ids, max_new_tokens=8, do_sample=False), expected)
+        assert second.missed == 0, notes  # and it serves
+    finally:
+        torch.set_num_threads(threads)
+    assert sum("stopped serving" in n for n in notes) == 1, notes
+
+
 @pytest.mark.slow
 def test_race_against_eager_decides_and_tokens_stay_exact(llama, ids):
     """With the race on, the verified graph serves or is refused as measured slower; either way fp32 greedy

@@ -81,13 +81,33 @@ class DecodeStep(Step):
         namespace: dict[str, Any] = {}
         source = "def decode_step(*args, **kwargs):\n    return model(*args, **kwargs)\n"
         exec(compile(source, f"<cpuboost-decode-{next(_counter)}>", "exec"), {"model": model}, namespace)
-        self._compiled = torch.compile(namespace["decode_step"], backend="inductor", dynamic=False)
+        self._compiled = torch.compile(namespace["decode_step"], backend=self._counted_inductor, dynamic=False)
         self._run_only = torch._dynamo.run(namespace["decode_step"])
         self.model, self.options = model, inductor_options(model, options)
+        self._graph_ran = threading.local()
+        self.missed = 0  # served calls the graph's guards rejected (run eagerly: run-only mode compiles nothing)
+
+    def _counted_inductor(self, graph: Any, example_inputs: Any) -> Any:
+        """Inductor's graph, telling the calling thread it ran: in run-only mode a call the graph's guards
+        reject (global state changed since the build: torch.set_num_threads, a patched function) runs eagerly
+        without a word, and the runner must know to rebuild."""
+        from torch._dynamo.backends.registry import lookup_backend
+
+        compiled = lookup_backend("inductor")(graph, example_inputs)
+        ran = self._graph_ran
+
+        def run(*args: Any) -> Any:
+            ran.yes = True
+            return compiled(*args)
+        return run
 
     def _run(self, *args: Any, **kwargs: Any) -> Any:
         if self.built:
-            return self._run_only(*args, **kwargs)
+            self._graph_ran.yes = False
+            out = self._run_only(*args, **kwargs)
+            if not self._graph_ran.yes:
+                self.missed += 1
+            return out
         import torch._inductor.config as inductor_config
 
         from ..backends.inductor import config_lock, templates_parsed_once

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 log = logging.getLogger("cpuboost")
-NICE = 10  # the background compile yields the CPU to the serving process
+NICE = 10  # the background compile yields the CPU to the serving process (and runs in the idle class: child.py)
 UNIT = "decode"
 _COMPILES: list[threading.Thread] = []
 _COMPILES_LOCK = threading.Lock()

@@ -94,6 +94,7 @@ class _Copies:
         self.pool = CachePool(self.static)
         self.steps: dict[tuple[int, int], Any] = {}  # (batch, bucket) -> DecodeStep, or why it runs eagerly
         self.key_locks: dict[tuple[int, int], threading.Lock] = {}
+        self.rebuilt: set[tuple[int, int]] = set()  # keys whose graph stopped serving and was dropped once
         # transformers asks these two on every generate(); the answers point at this thread's decode graph.
         active = runner._active
         self.static.get_compiled_call = lambda compile_config=None: active.__dict__.get("step")
@@ -352,6 +353,7 @@ class GenerationRunner:
         compile_config = CompileConfig()
         compile_config._compile_all_devices = True  # transformers 4.x compiles only on CUDA unless told
         cache = copies.pool.take(batch, bucket)
+        missed = getattr(step, "missed", 0)
         self._active.step = step
         try:
             with self._precision(), step.timed(CallClock()) as clock:
@@ -363,7 +365,29 @@ class GenerationRunner:
         model = getattr(step, "model", copies.decode)  # the bf16 rival of a weight-only copy reads bf16 weights
         nbytes = copies.bytes_per_token if model is copies.decode else weight_bytes_per_token(model)
         self.last_call = self._summary(clock, batch, nbytes)
+        if getattr(step, "missed", 0) > missed:
+            self._stopped_serving(copies, step, (batch, bucket), clock.steps)
         return out
+
+    def _stopped_serving(self, copies: _Copies, step: Step, key: tuple[int, int], steps: int) -> None:
+        """A served decode graph whose guards rejected this call's steps (they ran eagerly): dropped, so the
+        next call builds and verifies one for the state now; once only per key, then said and left eager."""
+        where = f"batch {key[0]}, cache {key[1]}"
+        with self._lock:
+            if copies.steps.get(key) is not step or step.__dict__.get("stopped"):
+                return  # another thread's call dropped it already, or it was said
+            step.stopped = True
+            first = key not in copies.rebuilt
+            if first:
+                copies.rebuilt.add(key)
+                del copies.steps[key]
+        what = (f"generate: the decode graph for {where} stopped serving: its guards rejected the steps of a call "
+                f"({step.missed} in all; the state it was built under changed, e.g. torch.set_num_threads or a "
+                "patched function), which ran eagerly")
+        if first:
+            self._warn(f"{what}; it is built again on the next call")
+        else:
+            self._warn(f"{what}, again after one rebuild; this key's steps run eagerly when rejected")
 
     @staticmethod
     def _summary(clock: CallClock, batch: int, weight_bytes: int) -> dict:
