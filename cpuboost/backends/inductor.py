@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import platform
+import threading
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
@@ -95,6 +97,39 @@ class CompiledGraph:
         return call_served(self.serve, *args, **kwargs)
 
 
+_PROBES_STARTED = threading.Event()
+
+
+def start_isa_probes() -> None:
+    """Start, once per process, Inductor's probes of the vector ISAs this CPU has (AMX, AVX-512, AVX2: each a
+    g++ build of a test program against ATen's headers and a load in a subprocess), one thread each. Inductor runs
+    them one after another at its first C++ codegen, ~10 s with an empty Inductor cache here; run side by side
+    from the start of a build they overlap each other and the eager reference runs. Results land in Inductor's
+    own caches (per ISA object, and the built test programs on disk under its file locks)."""
+    if _PROBES_STARTED.is_set():
+        return
+    _PROBES_STARTED.set()
+    try:
+        from torch._inductor import config as inductor_config
+        from torch._inductor import cpu_vec_isa
+
+        if inductor_config.cpp.vec_isa_ok is not None or platform.machine() not in ("x86_64", "AMD64"):
+            return
+        flags = cpu_vec_isa.x86_isa_checker()
+        wanted = [isa for isa in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(isa).split())]
+    except Exception:  # noqa: BLE001 - another torch: Inductor probes at its own pace
+        return
+    for isa in wanted:
+        threading.Thread(target=_probe, args=(isa,), name=f"cpuboost: Inductor probes {isa}", daemon=True).start()
+
+
+def _probe(isa: Any) -> None:
+    try:
+        bool(isa)
+    except Exception:  # noqa: BLE001 - Inductor's own probe at its first codegen says what is wrong
+        pass
+
+
 def config_lock() -> Any:
     """Dynamo's own compile lock (an RLock every dynamo compile takes, torch/_dynamo/convert_frame.py), held
     around a config patch and the compile it governs: Inductor's and dynamo's config are process-wide, so
@@ -105,6 +140,7 @@ def config_lock() -> Any:
 
     from ..integrations.transformers_guards import steady_output_registration
 
+    start_isa_probes()
     steady_output_registration()  # every cpuboost build takes this lock: its graphs keep serving (see there)
     return compile_lock
 
@@ -125,9 +161,40 @@ def templates_parsed_once() -> Iterator[None]:
         return
     KernelTemplate._template_from_string = staticmethod(functools.lru_cache(maxsize=None)(parse))
     try:
-        yield
+        with _index_expressions_parsed_once():
+            yield
     finally:
         KernelTemplate._template_from_string = original
+
+
+@contextlib.contextmanager
+def _index_expressions_parsed_once() -> Iterator[None]:
+    """The GEMM template's kernel parses the same few index strings ("m_end - m_start", "N"...) with sympy each
+    time it renders a slice or an epilogue: 6460 parses, ~4.6 s of a profiled 12-layer int8 decode build. Sympy
+    expressions are immutable, so each string is parsed once inside this block."""
+    try:
+        import sympy
+        import torch._inductor.compile_fx  # noqa: F401 - first: the kernel module alone is a circular import
+        from torch._inductor.codegen import cpp_template_kernel as module
+
+        original = module.parse_expr_with_index_symbols
+    except (ImportError, AttributeError):
+        yield
+        return
+    parsed = functools.lru_cache(maxsize=None)(original)
+
+    def parse_once(expr: Any) -> Any:
+        if isinstance(expr, sympy.Expr):
+            return expr
+        if isinstance(expr, (list, tuple)):
+            return [parse_once(e) for e in expr]
+        return parsed(str(expr))
+
+    module.parse_expr_with_index_symbols = parse_once
+    try:
+        yield
+    finally:
+        module.parse_expr_with_index_symbols = original
 
 
 def compile_now(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype, cpp_wrapper: bool,

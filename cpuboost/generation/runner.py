@@ -228,6 +228,9 @@ class GenerationRunner:
                packaged: Optional[Step] = None) -> Any:
         """Compile (or load: ``packaged``), verify and time the decode graph for this key on this call's prompt;
         else the reason."""
+        if packaged is None:
+            from ..backends.inductor import start_isa_probes
+            start_isa_probes()  # beside the eager reference runs below, not after them
         steps = PROBE_STEPS if packaged is None else LOADED_PROBE_STEPS
         started, probe, where = time.perf_counter(), call.probe(steps), f"batch {call.batch}, cache {bucket}"
         ref, yard = self._eager_fp32(copies, **probe), None
@@ -381,13 +384,10 @@ class GenerationRunner:
             if first:
                 copies.rebuilt.add(key)
                 del copies.steps[key]
-        what = (f"generate: the decode graph for {where} stopped serving: its guards rejected the steps of a call "
-                f"({step.missed} in all; the state it was built under changed, e.g. torch.set_num_threads or a "
-                "patched function), which ran eagerly")
-        if first:
-            self._warn(f"{what}; it is built again on the next call")
-        else:
-            self._warn(f"{what}, again after one rebuild; this key's steps run eagerly when rejected")
+        self._warn(f"generate: the decode graph for {where} stopped serving: its guards rejected the steps of a "
+                   f"call ({step.missed} in all; the state it was built under changed, e.g. torch.set_num_threads "
+                   "or a patched function), which ran eagerly; " + ("it is built again on the next call" if first
+                                                                    else "again after one rebuild: left eager"))
 
     @staticmethod
     def _summary(clock: CallClock, batch: int, weight_bytes: int) -> dict:
