@@ -369,10 +369,10 @@ class GenerationRunner:
         nbytes = copies.bytes_per_token if model is copies.decode else weight_bytes_per_token(model)
         self.last_call = self._summary(clock, batch, nbytes)
         if getattr(step, "missed", 0) > missed:
-            self._stopped_serving(copies, step, (batch, bucket), clock.steps)
+            self._stopped_serving(copies, step, (batch, bucket))
         return out
 
-    def _stopped_serving(self, copies: _Copies, step: Step, key: tuple[int, int], steps: int) -> None:
+    def _stopped_serving(self, copies: _Copies, step: Step, key: tuple[int, int]) -> None:
         """A served decode graph whose guards rejected this call's steps (they ran eagerly): dropped, so the
         next call builds and verifies one for the state now; once only per key, then said and left eager."""
         where = f"batch {key[0]}, cache {key[1]}"
