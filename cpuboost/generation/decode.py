@@ -46,6 +46,8 @@ class Step:
 
     def __init__(self, how: str) -> None:
         self.how, self.calls, self.built = how, 0, False
+        self.missed = 0  # served calls the graph's guards rejected (a compiled step counts them; they ran eagerly)
+        self.stopped = False  # the runner has said this step stopped serving
         self.example: Optional[dict] = None  # the first call's keywords, until the step is packaged or serves
         self._timing = threading.local()
 
@@ -85,7 +87,6 @@ class DecodeStep(Step):
         self._run_only = torch._dynamo.run(namespace["decode_step"])
         self.model, self.options = model, inductor_options(model, options)
         self._graph_ran = threading.local()
-        self.missed = 0  # served calls the graph's guards rejected (run eagerly: run-only mode compiles nothing)
 
     def _counted_inductor(self, graph: Any, example_inputs: Any) -> Any:
         """Inductor's graph, telling the calling thread it ran: in run-only mode a call the graph's guards

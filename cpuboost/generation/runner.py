@@ -356,7 +356,7 @@ class GenerationRunner:
         compile_config = CompileConfig()
         compile_config._compile_all_devices = True  # transformers 4.x compiles only on CUDA unless told
         cache = copies.pool.take(batch, bucket)
-        missed = getattr(step, "missed", 0)
+        missed = step.missed
         self._active.step = step
         try:
             with self._precision(), step.timed(CallClock()) as clock:
@@ -368,7 +368,7 @@ class GenerationRunner:
         model = getattr(step, "model", copies.decode)  # the bf16 rival of a weight-only copy reads bf16 weights
         nbytes = copies.bytes_per_token if model is copies.decode else weight_bytes_per_token(model)
         self.last_call = self._summary(clock, batch, nbytes)
-        if getattr(step, "missed", 0) > missed:
+        if step.missed > missed:
             self._stopped_serving(copies, step, (batch, bucket))
         return out
 
@@ -377,7 +377,7 @@ class GenerationRunner:
         next call builds and verifies one for the state now; once only per key, then said and left eager."""
         where = f"batch {key[0]}, cache {key[1]}"
         with self._lock:
-            if copies.steps.get(key) is not step or step.__dict__.get("stopped"):
+            if copies.steps.get(key) is not step or step.stopped:
                 return  # another thread's call dropped it already, or it was said
             step.stopped = True
             first = key not in copies.rebuilt

@@ -100,7 +100,6 @@ def _yield_cpu(nice: int) -> None:
             pass
 
 
-
 def compile_saved(program: Path, package_path: str, configs: dict, *, nice: int = 0, kernels: bool = False) -> None:
     """Compile a saved program in a child process (``nice``: its scheduling priority lowered by that much,
     for a compile in the background of a process that is serving; ``kernels``: with cpuboost's GEMM kernels of
