@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .micro_kernels import PANELS, kernel_scope, recent_torch, vnni2_kernel_class
+from .micro_kernels import PANELS, kernel_scope, recent_torch, vnni_kernel_class
 
 MIN_ROWS = 2  # one row reads the weights at the memory's speed with the fp32 kernel already
 
@@ -98,7 +98,7 @@ def _kernel():
     from torch._inductor.codegen import cpp_micro_gemm as micro
     from torch._inductor.cpu_vec_isa import VecAVX512
 
-    cls = vnni2_kernel_class(micro, "CppMicroGemmBF16Dot", (_KERNEL, _ENTRY))
+    cls = vnni_kernel_class(micro, "CppMicroGemmBF16Dot", (_KERNEL, _ENTRY))
     configs = micro.generate_gemm_config(VecAVX512, [(4, 64, 2), (4, 32, 2)], input_dtype=torch.bfloat16,
                                          output_dtype=torch.float, extra_check=_rows_and_even_k)
     return micro, cls, configs

@@ -6,11 +6,12 @@ import contextlib
 from typing import Iterator
 
 from .bf16_dot import bf16_dot_gemms
+from .int8_amx import int8_amx_gemms
 from .int8_dot import int8_dot_gemms
 
 
 @contextlib.contextmanager
 def cpuboost_gemms() -> Iterator[None]:
     """Inside: every cpuboost micro-kernel this CPU and torch can use."""
-    with bf16_dot_gemms(), int8_dot_gemms():
+    with bf16_dot_gemms(), int8_dot_gemms(), int8_amx_gemms():
         yield

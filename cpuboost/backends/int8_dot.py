@@ -12,41 +12,60 @@ carry), quantized once per GEMM call and thread; each 512-column chunk's int32 s
 (the template's VNNI2 layout), so one 32-byte load feeds 16 columns by 2 steps of K.
 
 ``int8_dot_gemms()`` adds the kernel to Inductor's registry for the builds inside it and takes it out after
-(hold ``config_lock``: the registry is process-wide); a user's own ``torch.compile`` never sees it. On AMX
-CPUs Inductor's AMX kernel keeps the GEMMs of 5 rows and more (it ranks higher and takes them)."""
+(hold ``config_lock``: the registry is process-wide); a user's own ``torch.compile`` never sees it. On CPUs
+with AMX_INT8 the GEMMs of 2 rows and more go to cpuboost's AMX kernel (backends/int8_amx.py), which shares
+this kernel's activation codes (``QUANTIZE``)."""
 from __future__ import annotations
 
 import torch
 
-from .micro_kernels import PANELS, kernel_scope, recent_torch, vnni2_kernel_class
+from .micro_kernels import PANELS, kernel_scope, recent_torch, vnni_kernel_class
 
 MAX_ROWS = 16  # decode-sized GEMMs; a prefill's many rows keep Inductor's own kernels
 PREFETCH = 256  # rows of K ahead (8 KiB of a 32-column panel): 1.80x bf16 against 1.55-1.75x at 32-1024 here
 CHUNK = 512  # columns per activation scale: int32 sums of 512 int16 x int8 products cannot overflow
+SLOTS = 16  # quantized A blocks a thread keeps: Inductor splits K into blocks that fit L1 (K 4864: 9 blocks)
 
-_ROWS = r"""
-struct {{kernel_name}}_rows {
-    // the int16 codes of the last A block this thread quantized, and one scale per row and CHUNK columns
+# The activation rows as int16 codes, one scale per row and CHUNK columns; with ``planes`` (backends/int8_amx.py)
+# each code split into an unsigned low byte and a signed high byte (code = 256 * high + low), rows padded to 64.
+QUANTIZE = r"""
+struct {{kernel_name}}_block {
+    // the codes of one A block (a row range by a K range), and one scale per row and CHUNK columns
     const {{input_t}}* a = nullptr;
     int64_t m = -1, k = -1, lda = -1, width = 0, chunks = 0;
+{%- if planes %}
+    std::vector<uint8_t> low;
+    std::vector<int8_t> high;
+{%- else %}
     std::vector<int16_t> codes;
+{%- endif %}
     std::vector<float> scales;
 };
 
 __attribute__((target("avx512f,avx512bw"))) __attribute__((noinline))
 void {{kernel_name}}_quantize(
-    const {{input_t}}* {{restrict_keyword}} A, int64_t M, int64_t K, int64_t lda, {{kernel_name}}_rows& rows
+    const {{input_t}}* {{restrict_keyword}} A, int64_t M, int64_t K, int64_t lda, {{kernel_name}}_block& block
 ) {
-    rows.a = A; rows.m = M; rows.k = K; rows.lda = lda;
-    rows.width = (K + 31) / 32 * 32;
-    rows.chunks = (K + {{chunk}} - 1) / {{chunk}};
-    rows.codes.assign(M * rows.width, 0);
-    rows.scales.resize(M * rows.chunks);
+    block.a = A; block.m = M; block.k = K; block.lda = lda;
+    block.width = (K + {{pad}} - 1) / {{pad}} * {{pad}};
+    block.chunks = (K + {{chunk}} - 1) / {{chunk}};
+{%- if planes %}
+    block.low.assign(M * block.width, 0);
+    block.high.assign(M * block.width, 0);
+{%- else %}
+    block.codes.assign(M * block.width, 0);
+{%- endif %}
+    block.scales.resize(M * block.chunks);
     const __m512 no_sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     for (int64_t m = 0; m < M; ++m) {
         const uint16_t* row = reinterpret_cast<const uint16_t*>(A + m * lda);
-        int16_t* codes = rows.codes.data() + m * rows.width;
-        for (int64_t c = 0; c < rows.chunks; ++c) {
+{%- if planes %}
+        uint8_t* low = block.low.data() + m * block.width;
+        int8_t* high = block.high.data() + m * block.width;
+{%- else %}
+        int16_t* codes = block.codes.data() + m * block.width;
+{%- endif %}
+        for (int64_t c = 0; c < block.chunks; ++c) {
             const int64_t k0 = c * {{chunk}}, k1 = std::min<int64_t>(K, k0 + {{chunk}});
             const int64_t full = k0 + (k1 - k0) / 16 * 16;
             __m512 top = _mm512_setzero_ps();
@@ -59,20 +78,53 @@ void {{kernel_name}}_quantize(
                 amax = std::max(amax, std::abs(static_cast<float>(A[m * lda + k])));
             }
             const float inverse = amax > 0.f ? 32767.f / amax : 0.f;
-            rows.scales[m * rows.chunks + c] = amax / 32767.f;
+            block.scales[m * block.chunks + c] = amax / 32767.f;
             const __m512 times = _mm512_set1_ps(inverse);
             for (int64_t k = k0; k < full; k += 16) {
                 __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(row + k))), 16);
                 __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_castsi512_ps(bits), times));
+{%- if planes %}
+                _mm_storeu_si128((__m128i*)(low + k), _mm512_cvtepi32_epi8(q));
+                _mm_storeu_si128((__m128i*)(high + k), _mm512_cvtepi32_epi8(_mm512_srai_epi32(q, 8)));
+{%- else %}
                 _mm256_storeu_si256((__m256i*)(codes + k), _mm512_cvtsepi32_epi16(q));
+{%- endif %}
             }
             for (int64_t k = full; k < k1; ++k) {
-                codes[k] = static_cast<int16_t>(std::nearbyint(static_cast<float>(A[m * lda + k]) * inverse));
+                const auto code = static_cast<int16_t>(std::nearbyint(static_cast<float>(A[m * lda + k]) * inverse));
+{%- if planes %}
+                low[k] = static_cast<uint8_t>(code & 0xff);
+                high[k] = static_cast<int8_t>(code >> 8);
+{%- else %}
+                codes[k] = code;
+{%- endif %}
             }
         }
     }
 }
 
+struct {{kernel_name}}_rows {
+    // this thread's quantized A blocks: the template calls a GEMM's K blocks in turn for each column panel
+    {{kernel_name}}_block blocks[{{slots}}];
+    int64_t next = 0;
+{%- if planes %}
+    int64_t tile_rows = -1;  // the rows this thread's AMX tiles are configured for
+{%- endif %}
+
+    const {{kernel_name}}_block& find(const {{input_t}}* A, int64_t M, int64_t K, int64_t lda) {
+        for (const auto& block : blocks) {
+            if (block.a == A && block.m == M && block.k == K && block.lda == lda) {
+                return block;
+            }
+        }
+        auto& block = blocks[next++ % {{slots}}];
+        {{kernel_name}}_quantize(A, M, K, lda, block);
+        return block;
+    }
+};
+"""
+
+_DOT = r"""
 template <int64_t ROWS, bool accum>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) __attribute__((noinline))
 void {{kernel_name}}_dot(
@@ -145,17 +197,15 @@ void {{kernel_name}}_dot(
 _ENTRY = r"""
 {{declare_kernel}} {
     {{kernel.assert_function}}(K % 2 == 0, "K must be even for the int16 dot-product kernel");
-    if (rows.a != A || rows.m != M || rows.k != K || rows.lda != lda) {
-        {{kernel_name}}_quantize(A, M, K, lda, rows);  // once per A block and thread, not per column block
-    }
+    const auto& block = rows.find(A, M, K, lda);  // quantized once per A block and thread, not per column panel
 """ + PANELS + r"""
         for (int64_t m = 0; m < M; m += {{block_m}}) {
-            const int16_t* codes = rows.codes.data() + m * rows.width;
-            const float* scales = rows.scales.data() + m * rows.chunks;
+            const int16_t* codes = block.codes.data() + m * block.width;
+            const float* scales = block.scales.data() + m * block.chunks;
             switch (std::min<int64_t>(M - m, {{block_m}})) {
 {%- for b in range(block_m, 0, -1) %}
             case {{b}}:
-                {{kernel_name}}_dot<{{b}}, accum>(codes, scales, panel, C + m * ldc + n, K, rows.width, rows.chunks,
+                {{kernel_name}}_dot<{{b}}, accum>(codes, scales, panel, C + m * ldc + n, K, block.width, block.chunks,
                                                   panel_ldb, ldc);
                 break;
 {%- endfor %}
@@ -179,8 +229,9 @@ def _kernel():
     from torch._inductor.codegen import cpp_micro_gemm as micro
     from torch._inductor.cpu_vec_isa import VecAVX512VNNI
 
-    class CppMicroGemmInt8Dot(vnni2_kernel_class(micro, "CppMicroGemmInt8DotBase", (_ROWS, _ENTRY),
-                                                 chunk=CHUNK, prefetch=PREFETCH)):
+    class CppMicroGemmInt8Dot(vnni_kernel_class(micro, "CppMicroGemmInt8DotBase", (QUANTIZE, _DOT, _ENTRY),
+                                                 chunk=CHUNK, prefetch=PREFETCH, planes=False, pad=32,
+                                                 slots=SLOTS)):
         def get_kernel_extra_args_declare(self) -> str:
             return f"{self.name}_rows& rows,"
 

@@ -1,5 +1,5 @@
-"""What cpuboost's micro-kernels for Inductor's C++ GEMM template share (backends/bf16_dot.py, int8_dot.py):
-the walk over VNNI2 weight panels their entry functions make, their kernel class, and registering a kernel for
+"""What cpuboost's micro-kernels for Inductor's C++ GEMM template share (backends/bf16_dot.py, int8_dot.py,
+int8_amx.py): the walk over VNNI-packed weight panels their entry functions make, their kernel class, and registering a kernel for
 some builds only."""
 from __future__ import annotations
 
@@ -13,19 +13,19 @@ log = logging.getLogger("cpuboost")
 
 TORCH_FROM = "2.13"  # the template API they were written against (torch 2.8's emits code they do not compile with)
 
-# An entry function's loop over the columns, 2 * block_n values of K-pairs per panel: the weights packed at
-# compile time (constants), or packed here per call (a weight that is a graph input).
+# An entry function's loop over the columns, vnni * block_n values per vnni steps of K in a panel: the weights
+# packed at compile time (constants), or packed here per call (a weight that is a graph input).
 PANELS = r"""
 {%- if pack_vnni_B_locally %}
     {{template.codegen_allocate_weight_buffer("packed_B_buf", input2_t, "K", block_n)}}
 {%- endif %}
     for (int64_t n = 0; n < N; n += {{block_n}}) {
 {%- if pack_vnni_B_locally %}
-        at::vec::pack_vnni2(B + n, packed_B_buf, ldb, K, {{block_n}});
+        at::vec::pack_vnni{{vnni}}(B + n, packed_B_buf, ldb, K, {{block_n}});
         const {{input2_t}}* panel = packed_B_buf;
         const int64_t panel_ldb = {{block_n}};
 {%- else %}
-        const {{input2_t}}* panel = B + 2 * n;
+        const {{input2_t}}* panel = B + {{vnni}} * n;
         const int64_t panel_ldb = ldb;
 {%- endif %}"""
 
@@ -37,19 +37,22 @@ def recent_torch() -> bool:
         return False
 
 
-def vnni2_kernel_class(micro, name: str, sources: tuple, **constants):
+def vnni_kernel_class(micro, name: str, sources: tuple, vnni: int = 2, **constants):
     """A micro-kernel class of Inductor's ``micro`` module named ``name``, whose C++ is ``sources`` (jinja, in
-    order) rendered with the template's options, its register blocking and ``constants``; weights in VNNI2."""
+    order) rendered with the template's options, its register blocking and ``constants``; weights packed in
+    ``vnni`` (2 or 4) steps of K per column."""
     from torch._inductor.codegen.common import KernelTemplate
+
+    layout = {2: micro.LayoutType.VNNI2, 4: micro.LayoutType.VNNI4}[vnni]
 
     def codegen_define(self, kernel) -> str:
         block_m, block_n, _ = self.register_blocking
         options = {"declare_kernel": self.get_kernel_declaration(), "kernel": kernel, "block_m": block_m,
-                   "block_n": block_n, **constants, **self.get_common_options()}
+                   "block_n": block_n, "vnni": vnni, **constants, **self.get_common_options()}
         return "".join(KernelTemplate._template_from_string(source).render(options) for source in sources)
 
     return type(name, (micro.CppMicroGemm,), {"codegen_define": codegen_define,
-                                               "get_b_layout": lambda self: micro.LayoutType.VNNI2})
+                                               "get_b_layout": lambda self: layout})
 
 
 @contextlib.contextmanager

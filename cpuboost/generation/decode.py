@@ -18,7 +18,8 @@ from .weights import inductor_options
 # packs each frozen weight for its own micro-kernels: one-row matmuls 3.2x (bf16) / 1.9x (fp32) faster than the
 # oneDNN/MKL calls of plain freezing; generate() 1.6x -> 2.6x over eager fp32 (bf16, 1 thread, this machine).
 # It also takes weight-only int8 (aten's _weight_int8pack_mm, the scale as its epilogue): 2.0x plain freezing here;
-# with AVX512_VNNI its GEMMs of up to 16 rows run cpuboost's int16 dot-product kernel (backends/int8_dot.py).
+# with AVX512_VNNI its GEMMs of up to 16 rows run cpuboost's int16 dot-product kernel (backends/int8_dot.py), with
+# AMX_INT8 those of 2 to 16 rows its AMX kernel (backends/int8_amx.py).
 BUILDS = (("freezing + C++ GEMM template", {"freezing": True, "max_autotune": True,
                                              "max_autotune_gemm_backends": "CPP"}),
           ("freezing", {"freezing": True}))

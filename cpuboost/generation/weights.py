@@ -4,7 +4,7 @@ fewer bytes per weight is the speed. Activations stay bf16; the layers run outsi
 - int8: per-output-channel symmetric (torchao's ``Int8WeightOnlyConfig`` scheme, computed here: 3x faster than
   ``quantize_``, no import), run by aten's ``_weight_int8pack_mm``, which Inductor lowers to its C++ GEMM
   template (scale as an epilogue); on AVX512_VNNI CPUs decode builds give it cpuboost's int16 dot-product
-  micro-kernel (backends/int8_dot.py).
+  micro-kernel (backends/int8_dot.py), on AMX_INT8 CPUs its AMX kernel from 2 rows (backends/int8_amx.py).
 - int4: aten's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``, group-wise asymmetric, what torchao's CPU
   int4 layout wraps; torchao 0.18's own ``Int4WeightOnlyConfig`` needs ``mslk`` kernels on CPU).
 Each layer can give its weight back dequantized, so the judge's yardstick is an eager run of exactly
