@@ -66,3 +66,30 @@ def test_one_row_and_a_k_off_the_tile_keep_the_int16_kernel(rows, in_features, k
     out, code = _compiled(layer, torch.randn(rows, in_features).to(torch.bfloat16), amx=True)
     assert OURS not in code and kernel in code
     assert list(cpp_micro_gemm.micro_gemm_configs) == before
+
+
+def test_a_package_with_the_kernel_answers_in_a_fresh_process(tmp_path):
+    """A restarted process loads a packaged decode step without compiling (nor entering the kernel's scope): the
+    kernel's code travels in the package and runs there."""
+    import subprocess
+    import sys
+
+    import torch._inductor.config as inductor_config
+
+    layer = _int8_linear(640, 96, seed=3)
+    x = torch.randn(4, 640).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = layer(x)
+        exported = torch.export.export(layer, (x,))
+    with inductor_config.patch(TEMPLATE), int8_amx.int8_amx_gemms():
+        package = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "amx.pt2"))
+    torch.save(x, tmp_path / "x.pt")
+    script = ("import sys, torch; run = torch._inductor.aoti_load_package(sys.argv[1]); "
+              "torch.save(run(torch.load(sys.argv[2])), sys.argv[3])")
+    done = subprocess.run([sys.executable, "-c", script, package, str(tmp_path / "x.pt"), str(tmp_path / "out.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert OURS in "".join(p.read_text(errors="ignore") for p in tmp_path.rglob("*.cpp")) or \
+        OURS.encode() in (tmp_path / "amx.pt2").read_bytes()
+    out = torch.load(tmp_path / "out.pt")
+    assert (out.double() - expected.double()).abs().max() <= expected.double().abs().max() * 2 ** -6

@@ -30,7 +30,8 @@ _DOT = r"""
 #include <unistd.h>
 
 inline bool {{kernel_name}}_amx_permitted() {
-    // Linux hands a process AMX's tile state only on request (what torch.cpu._init_amx() does in Python)
+    // Linux hands a process AMX's tile state only on request: torch.cpu._init_amx() and AOTInductor's package
+    // loader ask; a graph loaded another way might not have
     static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
     return permitted;
 }
