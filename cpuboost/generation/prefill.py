@@ -27,7 +27,35 @@ from .judge import FP32_TOLERANCE, VERIFY_FLOOR, VERIFY_MULTIPLE, rel_error
 
 OPTIONS = {"freezing": True}  # the C++ GEMM template packs per M: no gain at prefill sizes, a longer compile
 ROUNDS = 3
+# Dynamo's own bookkeeping can fail on a build in this thread while the caller's thread runs the same model
+# eagerly (seen: SpeculationLogDivergence, a guard on a kwargs dict that "is None"; Qwen2 shape, about one build
+# in three after a batch-4 first call): such a build is tried once more, from a fresh function.
+ATTEMPTS = 2
 _counter = itertools.count()
+
+
+def _traced_function(model: nn.Module) -> Callable[..., Any]:
+    """``model.forward(**kwargs)`` as a function of its own code object (its own dynamo cache entry)."""
+    namespace: dict[str, Any] = {}
+    source = "def prefill(**kwargs):\n    return model.forward(**kwargs)\n"
+    exec(compile(source, f"<cpuboost-prefill-{next(_counter)}>", "exec"), {"model": model}, namespace)
+    return namespace["prefill"]
+
+
+def _dynamo_bookkeeping(exc: Optional[BaseException]) -> bool:
+    """An error of dynamo's own state rather than of the model (or one dynamo wrapped around such an error): a
+    divergence between a trace and its replay, or an assertion raised inside dynamo itself."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if type(exc).__name__ == "SpeculationLogDivergence":
+            return True
+        frame, tb = None, exc.__traceback__
+        while tb is not None:
+            frame, tb = tb.tb_frame, tb.tb_next
+        if isinstance(exc, AssertionError) and frame is not None and "torch/_dynamo/" in frame.f_code.co_filename:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 class PrefillGraph:
@@ -44,10 +72,7 @@ class PrefillGraph:
         self._example: Optional[dict] = None
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
-        namespace: dict[str, Any] = {}
-        source = "def prefill(**kwargs):\n    return model.forward(**kwargs)\n"
-        exec(compile(source, f"<cpuboost-prefill-{next(_counter)}>", "exec"), {"model": prefill}, namespace)
-        self._function = namespace["prefill"]
+        self._function = _traced_function(prefill)
         self._compiled: Any = None  # made in the build thread: importing dynamo costs a warm start 1.3 s
         self._run_only: Any = None
 
@@ -94,13 +119,22 @@ class PrefillGraph:
         example, self._example = self._example, None
         started = time.perf_counter()
         try:
-            self._compiled = torch.compile(self._function, backend="inductor", dynamic=True)
-            self._run_only = torch._dynamo.run(self._function)
             with torch.no_grad(), torch.autocast("cpu", dtype=self._dtype, enabled=self._dtype != torch.float32):
                 import torch._inductor.config as inductor_config
 
-                with config_lock(), inductor_config.patch(OPTIONS):
-                    out, cache = self._call(self._compiled, self._prefill, example)
+                for attempt in range(ATTEMPTS):
+                    self._compiled = torch.compile(self._function, backend="inductor", dynamic=True)
+                    self._run_only = torch._dynamo.run(self._function)
+                    try:
+                        with config_lock(), inductor_config.patch(OPTIONS):
+                            out, cache = self._call(self._compiled, self._prefill, example)
+                        break
+                    except Exception as exc:
+                        if attempt + 1 == ATTEMPTS or not _dynamo_bookkeeping(exc):
+                            raise
+                        self._note(f"generate: compiled prefill build failed inside dynamo ({type(exc).__name__}: "
+                                   f"{(str(exc) or '-').splitlines()[0][:120]}); building it again")
+                        self._function = _traced_function(self._prefill)  # a new code object: no state of the first
                 seconds = time.perf_counter() - started
                 ok, verdict = self._verify(example, out, cache)
                 if not ok:
