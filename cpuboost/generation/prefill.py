@@ -27,9 +27,9 @@ from .judge import FP32_TOLERANCE, VERIFY_FLOOR, VERIFY_MULTIPLE, rel_error
 
 OPTIONS = {"freezing": True}  # the C++ GEMM template packs per M: no gain at prefill sizes, a longer compile
 ROUNDS = 3
-# Dynamo's own bookkeeping can fail on a build in this thread while the caller's thread runs the same model
-# eagerly (seen: SpeculationLogDivergence, a guard on a kwargs dict that "is None"; Qwen2 shape, about one build
-# in three after a batch-4 first call): such a build is tried once more, from a fresh function.
+# Dynamo's own bookkeeping can fail on a build in this thread while the caller's thread runs a first call of
+# another batch size (seen: SpeculationLogDivergence, then a guard on a kwargs dict that "is None" when retried
+# at once; Qwen2 shape, bf16 and int8): such a build is tried once more after the next call, from a fresh function.
 ATTEMPTS = 2
 _counter = itertools.count()
 
@@ -75,6 +75,7 @@ class PrefillGraph:
         self._function = _traced_function(prefill)
         self._compiled: Any = None  # made in the build thread: importing dynamo costs a warm start 1.3 s
         self._run_only: Any = None
+        self._attempts_left = ATTEMPTS
 
     def run(self, kwargs: dict) -> Optional[Any]:
         """The graph's output for this prefill once it serves; None otherwise (the caller runs eager on
@@ -119,22 +120,13 @@ class PrefillGraph:
         example, self._example = self._example, None
         started = time.perf_counter()
         try:
+            self._compiled = torch.compile(self._function, backend="inductor", dynamic=True)
+            self._run_only = torch._dynamo.run(self._function)
             with torch.no_grad(), torch.autocast("cpu", dtype=self._dtype, enabled=self._dtype != torch.float32):
                 import torch._inductor.config as inductor_config
 
-                for attempt in range(ATTEMPTS):
-                    self._compiled = torch.compile(self._function, backend="inductor", dynamic=True)
-                    self._run_only = torch._dynamo.run(self._function)
-                    try:
-                        with config_lock(), inductor_config.patch(OPTIONS):
-                            out, cache = self._call(self._compiled, self._prefill, example)
-                        break
-                    except Exception as exc:
-                        if attempt + 1 == ATTEMPTS or not _dynamo_bookkeeping(exc):
-                            raise
-                        self._note(f"generate: compiled prefill build failed inside dynamo ({type(exc).__name__}: "
-                                   f"{(str(exc) or '-').splitlines()[0][:120]}); building it again")
-                        self._function = _traced_function(self._prefill)  # a new code object: no state of the first
+                with config_lock(), inductor_config.patch(OPTIONS):
+                    out, cache = self._call(self._compiled, self._prefill, example)
                 seconds = time.perf_counter() - started
                 ok, verdict = self._verify(example, out, cache)
                 if not ok:
@@ -143,10 +135,20 @@ class PrefillGraph:
             if not faster:
                 return self._refuse(f"measured slower than the eager prefill ({timing})")
         except Exception as exc:  # a graph that cannot be built: the eager prefill keeps serving, and says why
+            if self._attempts_left > 1 and _dynamo_bookkeeping(exc):  # a build at a quieter moment may pass
+                return self._build_again(example, exc)
             return self._refuse(f"not built ({type(exc).__name__}: {(str(exc) or '-').splitlines()[0][:200]})")
         self.state = "serving"
         self._note(f"generate: compiled prefill (Inductor, freezing, dynamic prompt length) built in "
                    f"{seconds:.1f} s in the background; {verdict}; {timing}; it serves every prompt from now on")
+
+    def _build_again(self, example: dict, exc: Exception) -> None:
+        """Keeps the example for another build after the next generate() call, from a fresh function."""
+        self._attempts_left -= 1
+        self._function = _traced_function(self._prefill)  # a new code object: nothing of the failed build's state
+        self._example, self.state = example, "pending"
+        self._note(f"generate: compiled prefill build failed inside dynamo ({type(exc).__name__}: "
+                   f"{(str(exc) or '-').splitlines()[0][:120]}); built again after the next call")
 
     def _refuse(self, why: str) -> None:
         self.state = f"refused: {why}"
