@@ -39,16 +39,16 @@ def load_cached(folder: Path, note: Callable[[str], None]) -> aoti.PackagedGraph
 
 
 def compile_packaged(quantized: nn.Module, args: tuple, kwargs: dict, reference: Any, scheme: str, batches: int,
-                     folder: Path) -> aoti.PackagedGraph:
+                     folder: Path, mix: torch.dtype = torch.float32) -> aoti.PackagedGraph:
     """AOTInductor (export + freezing) of the PT2E graph, staged beside ``folder/GRAPH`` until ``keep`` or
-    ``discard``; its float inputs are copied on every call (the int8 ``sum`` post-op writes into its residual
-    input, see ``_clone_float_inputs``)."""
+    ``discard``, the layers int8 leaves alone under ``mix``'s autocast; its float inputs are copied on every call
+    (the int8 ``sum`` post-op writes into its residual input, see ``_clone_float_inputs``)."""
     from torchao.quantization.pt2e import allow_exported_model_train_eval
 
     allow_exported_model_train_eval(quantized)  # compile_aoti switches modes around the export
     staging = units.stage(folder / GRAPH)
     try:
-        graph, _ = aoti.compile_aoti(quantized, args, kwargs, torch.float32, workdir=staging, name=GRAPH,
+        graph, _ = aoti.compile_aoti(quantized, args, kwargs, mix, workdir=staging, name=GRAPH,
                                      reference=reference, extra_meta={"int8_scheme": scheme,
                                                                       "calibration_batches": batches,
                                                                       "clone_inputs": True})
