@@ -180,15 +180,24 @@ def test_openvino_int8_missing_the_bound_keeps_the_most_sensitive_layer_in_fp32(
 
 
 @pytest.mark.slow
-def test_dynamic_tiny_bert_without_calibration_answers_a_model_output():
-    """Dynamic int8 of a tiny BERT called with kwargs: eager's ModelOutput type, fp32 fields, close values."""
+@pytest.mark.parametrize("persisted", [False, True])
+def test_dynamic_tiny_bert_without_calibration_answers_a_model_output(persisted, tmp_path):
+    """Dynamic int8 of a tiny BERT called with kwargs: eager's ModelOutput type, fp32 fields, close values; the
+    layers int8 leaves alone in bf16 where the CPU has AMX_BF16 (fp32 elsewhere), compiled in-process or by
+    AOTInductor into a cache folder."""
+    from cpuboost.machine.hardware import detect
+
     bert = tiny_bert()
     before = snapshot(bert)
     ids = torch.randint(0, 500, (2, 16))
     mask = torch.ones(2, 16, dtype=torch.long)
     notes: list[str] = []
 
-    run = int8.build(bert, (), {"input_ids": ids, "attention_mask": mask}, None, notes.append)
+    run = int8.build(bert, (), {"input_ids": ids, "attention_mask": mask}, None, notes.append,
+                     artifact_dir=tmp_path if persisted else None)
+    compiled = [line for line in notes if line.startswith("int8 compile")]
+    assert len(compiled) == 1 and ("kept in the persistent cache" in compiled[0]) == persisted, notes
+    assert ("the rest in bf16" in compiled[0]) == ("AMX_BF16" in detect().features), notes
 
     assert_unchanged(bert, before)
     with torch.no_grad():
@@ -350,3 +359,11 @@ def test_accuracy_reports_error_cosine_and_top1():
     assert "top1_agreement" not in int8.accuracy((hidden, hidden), (hidden, hidden))
     assert int8.accuracy(hidden, hidden[:1])["max_err"] == float("inf")
     assert int8.accuracy(torch.ones(3), torch.ones(3).bfloat16())["max_err"] == 0.0
+
+
+def test_only_dynamic_graphs_mix_with_bf16_and_only_on_amx():
+    from cpuboost.machine.hardware import detect
+
+    amx = "AMX_BF16" in detect().features
+    assert int8.mixing_dtype("dynamic") == (torch.bfloat16 if amx else torch.float32)
+    assert int8.mixing_dtype("static") == torch.float32 and int8.mixing_dtype("dynamic_torchao") == torch.float32
