@@ -127,3 +127,28 @@ def assert_exit_waits_for_build(script: str, building_line: str, warning: str) -
     assert done.returncode == 0, done.stderr[-2000:]
     assert building_line in done.stdout
     assert warning in done.stderr
+
+
+def int8_linear(in_features: int, out_features: int, seed: int) -> nn.Module:
+    """A seeded weight-only int8 Linear (the decode copy's layer), in eval mode."""
+    from cpuboost.generation.weights import Int8Linear
+
+    torch.manual_seed(seed)
+    return Int8Linear(nn.Linear(in_features, out_features, bias=False)).eval()
+
+
+def compiled_with(layer: nn.Module, x: torch.Tensor, options: dict, scopes=()) -> tuple:
+    """(output, generated code) of ``layer(x)`` compiled fresh under Inductor ``options`` inside ``scopes`` (context
+    managers: the GEMM micro-kernels a test registers)."""
+    import contextlib
+
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    with torch.no_grad(), inductor_config.patch(options), contextlib.ExitStack() as stack:
+        for scope in scopes:
+            stack.enter_context(scope)
+        out, code = run_and_get_code(torch.compile(layer, dynamic=False), x)
+    torch._dynamo.reset()
+    return out, "\n".join(code)

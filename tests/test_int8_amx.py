@@ -4,14 +4,13 @@ the int16 kernel's answer to fp32 rounding, and gone after.
 Needs a CPU with AMX_INT8 that Linux lets this process use (skipped elsewhere, with the reason) and a C++ compiler."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 from cpuboost.backends import int8_amx, int8_dot
-from cpuboost.generation.weights import Int8Linear
 from cpuboost.machine.hardware import detect
+
+from nets import compiled_with, int8_linear
 
 pytestmark = [pytest.mark.skipif(not detect().has_cxx_compiler, reason="no C++ compiler for Inductor"),
               pytest.mark.skipif(not int8_amx.available(), reason="needs AMX_INT8 (and torch >= 2.13)")]
@@ -20,20 +19,8 @@ OURS, INT16 = "_amx_permitted", "_mm512_dpwssd_epi32"  # a name only cpuboost's 
 
 
 def _compiled(layer, x, *, amx: bool):
-    import torch._inductor.config as inductor_config
-    from torch._inductor.utils import run_and_get_code
-
-    torch._dynamo.reset()
-    with torch.no_grad(), inductor_config.patch(TEMPLATE), int8_dot.int8_dot_gemms(), \
-            (int8_amx.int8_amx_gemms() if amx else contextlib.nullcontext()):
-        out, code = run_and_get_code(torch.compile(layer, dynamic=False), x)
-    torch._dynamo.reset()
-    return out, "\n".join(code)
-
-
-def _int8_linear(in_features: int, out_features: int, seed: int) -> Int8Linear:
-    torch.manual_seed(seed)
-    return Int8Linear(torch.nn.Linear(in_features, out_features, bias=False)).eval()
+    scopes = [int8_dot.int8_dot_gemms()] + ([int8_amx.int8_amx_gemms()] if amx else [])
+    return compiled_with(layer, x, TEMPLATE, scopes)
 
 
 @pytest.mark.parametrize("rows,in_features", [(2, 896), (3, 4864), (4, 1088), (8, 640), (16, 640)])
@@ -41,7 +28,7 @@ def test_a_batched_decode_gemm_runs_on_amx_and_answers_as_the_kernel_it_replaces
     # 4864 columns: Inductor hands the kernel K in several L1-sized blocks (each quantized once per thread);
     # 1088: two 512-column scale chunks and a 64-column one. Up to 4 rows it replaces the int16 kernel, from 5
     # rows on Inductor's own AMX kernel (weights converted to bf16)
-    layer = _int8_linear(in_features, 320, seed=rows)
+    layer = int8_linear(in_features, 320, seed=rows)
     x = torch.randn(rows, in_features).to(torch.bfloat16) * 3
     x[0, 5] = 200.0  # an outlier: its chunk's codes use the high byte's full range
     out, code = _compiled(layer, x, amx=True)
@@ -62,7 +49,7 @@ def test_one_row_and_a_k_off_the_tile_keep_the_int16_kernel(rows, in_features, k
     from torch._inductor.codegen import cpp_micro_gemm
 
     before = list(cpp_micro_gemm.micro_gemm_configs)
-    layer = _int8_linear(in_features, 256, seed=0)
+    layer = int8_linear(in_features, 256, seed=0)
     out, code = _compiled(layer, torch.randn(rows, in_features).to(torch.bfloat16), amx=True)
     assert OURS not in code and kernel in code
     assert list(cpp_micro_gemm.micro_gemm_configs) == before
@@ -76,7 +63,7 @@ def test_a_package_with_the_kernel_answers_in_a_fresh_process(tmp_path):
 
     import torch._inductor.config as inductor_config
 
-    layer = _int8_linear(640, 96, seed=3)
+    layer = int8_linear(640, 96, seed=3)
     x = torch.randn(4, 640).to(torch.bfloat16)
     with torch.no_grad():
         expected = layer(x)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .int8_dot import CHUNK, PREFETCH, QUANTIZE, SLOTS
-from .micro_kernels import PANELS, kernel_scope, recent_torch, vnni_kernel_class
+from .int8_dot import CHUNK, PREFETCH, QUANTIZE, SLOTS, quantized_rows_class
+from .micro_kernels import PANELS, kernel_scope, recent_torch
 
 MIN_ROWS = 2  # one row is bound by memory either way: the int16 kernel keeps it
 MAX_ROWS = 16  # an AMX tile's rows; a prefill's many rows keep Inductor's own kernels
@@ -146,19 +146,10 @@ def _kernel():
     from torch._inductor.codegen import cpp_micro_gemm as micro
     from torch._inductor.cpu_vec_isa import VecAMX, VecAVX512VNNI
 
-    class CppMicroGemmInt8Amx(vnni_kernel_class(micro, "CppMicroGemmInt8AmxBase", (QUANTIZE, _DOT, _ENTRY), vnni=4,
-                                                chunk=CHUNK, step=STEP, planes=True, pad=STEP, slots=SLOTS,
-                                                prefetch=PREFETCH)):
-        def get_kernel_extra_args_declare(self) -> str:
-            return f"{self.name}_rows& rows,"
-
-        def get_kernel_extra_args(self, **kwargs) -> list[str]:
-            return ["rows,"]
-
-        def codegen_init(self, kernel) -> str:
-            return f"{self.name}_rows rows;  // this thread's quantized activation rows and tile configuration"
-
-        def codegen_finalize(self, kernel) -> str:
+    class CppMicroGemmInt8Amx(quantized_rows_class(micro, "CppMicroGemmInt8AmxRows", (QUANTIZE, _DOT, _ENTRY),
+                                                   vnni=4, chunk=CHUNK, step=STEP, planes=True, pad=STEP,
+                                                   slots=SLOTS, prefetch=PREFETCH)):
+        def codegen_finalize(self, kernel) -> str:  # the thread's tiles, configured by its first call
             return "if (rows.tile_rows >= 0) { _tile_release(); }"
 
     def fits(config, m, n, k, alpha, num_threads, **kwargs) -> bool:

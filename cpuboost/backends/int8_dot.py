@@ -229,22 +229,27 @@ def _kernel():
     from torch._inductor.codegen import cpp_micro_gemm as micro
     from torch._inductor.cpu_vec_isa import VecAVX512VNNI
 
-    class CppMicroGemmInt8Dot(vnni_kernel_class(micro, "CppMicroGemmInt8DotBase", (QUANTIZE, _DOT, _ENTRY),
-                                                 chunk=CHUNK, prefetch=PREFETCH, planes=False, pad=32,
-                                                 slots=SLOTS)):
-        def get_kernel_extra_args_declare(self) -> str:
-            return f"{self.name}_rows& rows,"
-
-        def get_kernel_extra_args(self, **kwargs) -> list[str]:
-            return ["rows,"]
-
-        def codegen_init(self, kernel) -> str:
-            return f"{self.name}_rows rows;  // this thread's quantized activation rows"
+    CppMicroGemmInt8Dot = quantized_rows_class(micro, "CppMicroGemmInt8Dot", (QUANTIZE, _DOT, _ENTRY), chunk=CHUNK,
+                                               prefetch=PREFETCH, planes=False, pad=32, slots=SLOTS)
 
     configs = micro.generate_gemm_config(VecAVX512VNNI, [(4, 32, 2)], input_dtype=torch.bfloat16,
                                          input2_dtype=torch.int8, output_dtype=torch.float,
                                          compute_dtype=torch.float, extra_check=_fits)
     return micro, CppMicroGemmInt8Dot, configs
+
+
+def quantized_rows_class(micro, name: str, sources: tuple, **constants):
+    """A kernel class (``vnni_kernel_class``) whose entry takes this thread's quantized activation rows, the
+    ``_rows`` struct of ``QUANTIZE``: one per thread and GEMM call, so each A block is quantized once."""
+    def extra_args_declare(self) -> str:
+        return f"{self.name}_rows& rows,"
+
+    def init(self, kernel) -> str:
+        return f"{self.name}_rows rows;  // this thread's quantized activation rows"
+
+    return type(name, (vnni_kernel_class(micro, f"{name}Base", sources, **constants),),
+                {"get_kernel_extra_args_declare": extra_args_declare, "codegen_init": init,
+                 "get_kernel_extra_args": lambda self, **kwargs: ["rows,"]})
 
 
 def _fits(config, m, n, k, alpha, num_threads, **kwargs) -> bool:
