@@ -125,7 +125,8 @@ _ENTRY = r"""
     const auto& block = rows.find(A, M, K, lda);  // quantized once per A block and thread, not per column panel
 """ + PANELS + r"""
         for (int64_t m = 0; m < M; m += 16) {
-            {{kernel_name}}_amx<accum>(rows, block, m, std::min<int64_t>(M - m, 16), panel, C + m * ldc + n, K, panel_ldb, ldc);
+            {{kernel_name}}_amx<accum>(rows, block, m, std::min<int64_t>(M - m, 16), panel, C + m * ldc + n, K,
+                                       panel_ldb, ldc);
         }
     }
 }

@@ -1,6 +1,6 @@
 """What cpuboost's micro-kernels for Inductor's C++ GEMM template share (backends/bf16_dot.py, int8_dot.py,
-int8_amx.py): the walk over VNNI-packed weight panels their entry functions make, their kernel class, and registering a kernel for
-some builds only."""
+int8_amx.py): the walk over VNNI-packed weight panels their entry functions make, their kernel class, and
+registering a kernel for some builds only."""
 from __future__ import annotations
 
 import contextlib

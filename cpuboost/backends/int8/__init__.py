@@ -247,7 +247,8 @@ def _compile_any(quantized: nn.Module, args: tuple, kwargs: dict, reference: Any
                     warnings.filterwarnings("ignore", message=message)
                 graph = packaged.compile_packaged(quantized, args, kwargs, reference, scheme, batches,
                                                   Path(artifact_dir), mix)
-                return graph, graph(*args, **kwargs), f"AOTInductor, freezing{mixed}, kept in the persistent cache", True
+                how = f"AOTInductor, freezing{mixed}, kept in the persistent cache"
+                return graph, graph(*args, **kwargs), how, True
         except Exception as exc:  # noqa: BLE001 - torch.compile below is the same graph, only not persisted
             note(f"int8: not persisted (AOTInductor: {type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
     template = dtype_template(reference)
@@ -265,7 +266,7 @@ def _compile_any(quantized: nn.Module, args: tuple, kwargs: dict, reference: Any
 
 
 def _compile(quantized: nn.Module, args: tuple, kwargs: dict, template: Any, scheme: str,
-             patches: dict, mix: torch.dtype = torch.float32) -> tuple[Int8Callable, Any]:
+             patches: dict, mix: torch.dtype) -> tuple[Int8Callable, Any]:
     import torch._inductor.config as inductor_config
 
     from ...core.precision import fresh_runner

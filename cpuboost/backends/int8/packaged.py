@@ -39,7 +39,7 @@ def load_cached(folder: Path, note: Callable[[str], None]) -> aoti.PackagedGraph
 
 
 def compile_packaged(quantized: nn.Module, args: tuple, kwargs: dict, reference: Any, scheme: str, batches: int,
-                     folder: Path, mix: torch.dtype = torch.float32) -> aoti.PackagedGraph:
+                     folder: Path, mix: torch.dtype) -> aoti.PackagedGraph:
     """AOTInductor (export + freezing) of the PT2E graph, staged beside ``folder/GRAPH`` until ``keep`` or
     ``discard``, the layers int8 leaves alone under ``mix``'s autocast; its float inputs are copied on every call
     (the int8 ``sum`` post-op writes into its residual input, see ``_clone_float_inputs``)."""
