@@ -94,3 +94,32 @@ def test_compiled_real_models(name, dtype):
     _check(model, net, inputs, model._options.dtype)
     report = cpuboost.explain(model)
     assert verified(rung(model, f"inductor {dtype}")), str(report)  # built and verified; the race picks what serves
+
+
+@pytest.mark.slow
+def test_bf16_graph_answers_in_eagers_dtype_from_inside_the_graph():
+    """GPT-2's bf16 Inductor graph hands back fp32 logits and KV cache itself (the cast is the graph's last
+    kernel, not an extra pass over the logits after it), in one graph with no break, matching eager."""
+    from torch._dynamo.utils import counters
+
+    from cpuboost.backends.inductor import build
+    from cpuboost.core.verify import dtype_template
+
+    torch.manual_seed(0)
+    net, inputs = _gpt2()
+    net.eval()
+    with torch.no_grad():
+        ref = net(**inputs)
+    own = eager_autocast(net, torch.bfloat16, **inputs)
+    graphs_before = counters["stats"]["unique_graphs"]
+    graph = build(net, (), inputs, torch.bfloat16, lambda _: None, out_dtypes=dtype_template(ref))
+    with torch.no_grad():
+        out = graph(**inputs)
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1
+    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    assert leaves and all(t.dtype == torch.float32 for t in leaves)
+    err = (out["logits"] - ref["logits"]).abs().max() / ref["logits"].abs().max()
+    assert err <= allowed_error(torch.bfloat16, ref["logits"], own["logits"])
+    bare = build(net, (), inputs, torch.bfloat16, lambda _: None)  # without the template: autocast's bf16
+    with torch.no_grad():
+        assert bare(**inputs)["logits"].dtype == torch.bfloat16

@@ -198,12 +198,13 @@ def _index_expressions_parsed_once() -> Iterator[None]:
 
 
 def compile_now(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype, cpp_wrapper: bool,
-                dynamic_dims: DynamicDims = None) -> CompiledGraph:
-    """Compile ``model`` under ``dtype``'s autocast for this input, with freezing; returns the callable."""
+                dynamic_dims: DynamicDims = None, out_dtypes: Any = None) -> CompiledGraph:
+    """Compile ``model`` under ``dtype``'s autocast for this input, with freezing; returns the callable.
+    ``out_dtypes``: eager's output dtypes, cast to inside the graph (``PrecisionRunner``)."""
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
-    compiled = torch.compile(fresh_runner(model, dtype), backend="inductor",
+    compiled = torch.compile(fresh_runner(model, dtype, out_dtypes), backend="inductor",
                              dynamic=None if dynamic_dims else False)
     args, kwargs = _marked_dynamic(args, kwargs, dynamic_dims)
     with config_lock(), inductor_config.patch(freezing=True, cpp_wrapper=cpp_wrapper), \
@@ -213,14 +214,16 @@ def compile_now(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype,
 
 
 def build(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype, note: Callable[[str], None],
-          dynamic_dims: DynamicDims = None) -> CompiledGraph:
+          dynamic_dims: DynamicDims = None, out_dtypes: Any = None) -> CompiledGraph:
     """Inductor's C++ wrapper first (kernels called without a Python line per op: 1.16x ResNet-50 b1 bf16,
     1.07x BERT-base b1 over the Python wrapper, benchmarks/wrapper.py on AMX); the Python wrapper where the
     C++ one cannot compile the model, with the reason noted."""
     try:
-        graph = compile_now(model, args, kwargs, dtype, cpp_wrapper=True, dynamic_dims=dynamic_dims)
+        graph = compile_now(model, args, kwargs, dtype, cpp_wrapper=True, dynamic_dims=dynamic_dims,
+                            out_dtypes=out_dtypes)
     except Exception as exc:  # any C++-wrapper failure: the Python wrapper is the same graph, proven
         note(f"C++ wrapper failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); Python wrapper used")
-        return compile_now(model, args, kwargs, dtype, cpp_wrapper=False, dynamic_dims=dynamic_dims)
+        return compile_now(model, args, kwargs, dtype, cpp_wrapper=False, dynamic_dims=dynamic_dims,
+                           out_dtypes=out_dtypes)
     note("C++ wrapper")
     return graph

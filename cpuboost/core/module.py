@@ -204,7 +204,7 @@ class OptimizedModule(ModelProxy):
         with found.building() if found is not None else contextlib.nullcontext():  # releases the lock on error
             stages = [] if prefer == "eager" else ladder_stages(  # eager decided earlier: nothing beat it
                 self, self._working_copy(args, kwargs), args, kwargs, dims, prefer,
-                found.artifact_dir if found is not None else None)
+                found.artifact_dir if found is not None else None, template)
             winner, rungs = ladder.climb(
                 stages, args, kwargs, reference=reference, yardstick=yardstick, eager=self._eager_original,
                 tolerance=options.tolerance, budget=0.0 if prefer else options.tune_budget,

@@ -51,6 +51,7 @@ class PassContext:
     notes: list = dataclasses.field(default_factory=list)
     dynamic_dims: Optional[dict] = None  # graph passes: {input position or name: [dims]} to build dynamic in
     artifact_dir: Optional[Any] = None  # graph passes: a persistent folder for this signature's artifacts
+    out_dtypes: Any = None  # graph passes: eager's output dtypes (``verify.dtype_template``), cast in the graph
 
     def note(self, text: str) -> None:
         """Add a detail to this pass's line in the report (what it changed, how many)."""

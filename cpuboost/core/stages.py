@@ -15,8 +15,9 @@ from .registry import PassContext
 
 
 def ladder_stages(optimized: Any, work: nn.Module, args: tuple, kwargs: dict, dims: dict, prefer: Optional[str],
-                  artifact_dir=None) -> list[list[ladder.Rung]]:
-    """``optimized``: the OptimizedModule (its options, plan, hardware and report); ``work``: its working copy."""
+                  artifact_dir=None, out_dtypes: Any = None) -> list[list[ladder.Rung]]:
+    """``optimized``: the OptimizedModule (its options, plan, hardware and report); ``work``: its working copy;
+    ``out_dtypes``: eager's output dtypes, for the graphs to answer in."""
     options, plan = optimized._options, optimized._plan
     low_precision_work = any(p.dtype in (torch.bfloat16, torch.float16) for p in work.parameters())
     # eager with passes differs from the original only when a pass other than eval changed something
@@ -36,7 +37,8 @@ def ladder_stages(optimized: Any, work: nn.Module, args: tuple, kwargs: dict, di
                 opts = dataclasses.replace(options, dtype=dtype,
                                            calibration=options.calibration if dtype == torch.int8 else None)
                 ctx = PassContext(opts, optimized._hardware, plan.mode, None, args, kwargs, dynamic_dims=dims or None,
-                                  artifact_dir=ladder.artifact_dir(artifact_dir, dtype, options.dtype, spec.name))
+                                  artifact_dir=ladder.artifact_dir(artifact_dir, dtype, options.dtype, spec.name),
+                                  out_dtypes=out_dtypes)
                 stage.append(ladder.Rung(f"{spec.name} {dtype_name(dtype)}", spec.name, dtype,
                                          lambda spec=spec, ctx=ctx: spec.fn(work, args, kwargs, ctx), ctx.notes))
             if dtype in (torch.bfloat16, torch.float16) or (

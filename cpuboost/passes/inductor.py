@@ -32,7 +32,8 @@ def build_inductor(model: nn.Module, args: tuple, kwargs: dict, ctx: PassContext
         else:
             ctx.note(f"dynamic graph compiled in this process, not kept (weights under "
                      f"{CHILD_COMPILE_MIN_BYTES >> 20} MiB)")
-    return inductor.build(model, args, kwargs, ctx.options.dtype, ctx.note, dynamic_dims=ctx.dynamic_dims)
+    return inductor.build(model, args, kwargs, ctx.options.dtype, ctx.note, dynamic_dims=ctx.dynamic_dims,
+                          out_dtypes=ctx.out_dtypes)
 
 
 def _inductor_usable(ctx: PlanContext):
