@@ -218,19 +218,22 @@ def _keep_sensitive(model: nn.Module, args: tuple, kwargs: dict, batches: list, 
 
     started = time.perf_counter()
     private = copy.deepcopy(model).eval()
-    try:
-        simulated, keep = sensitivity.keep_sensitive(private, args, kwargs, batches, references, reference,
-                                                     tolerance, note)
-    except Exception as exc:  # noqa: BLE001 - no split passes: the first verdict stands, with why
-        return None, {}, "", f"{whole}; keeping the most sensitive layers in fp32 did not help ({exc})", False
-    note(f"int8 accuracy control: {len(keep)} layer(s) kept in fp32 ({', '.join(keep)}), "
-         f"{time.perf_counter() - started:.1f} s")
-    runner, output, how, persisted = _compile_any(simulated, args, kwargs, reference, "static", patches,
-                                                  len(batches), artifact_dir, note)
-    got, summary, problem = assess(f"int8 static, {len(keep)} layer(s) kept in fp32", runner, output, reference,
-                                   references, batches, tolerance, note)
-    summary += sensitivity.kept_summary(batches, keep)
-    return runner, got, summary, problem, persisted
+    splits = sensitivity.keep_sensitive(private, args, kwargs, batches, references, reference, tolerance, note)
+    while True:
+        try:
+            simulated, keep = next(splits)
+        except Exception as exc:  # noqa: BLE001 - no split passes: the first verdict stands, with why
+            return None, {}, "", f"{whole}; keeping the most sensitive layers in fp32 did not help ({exc})", False
+        note(f"int8 accuracy control: residual stream in floating point, {len(keep)} layer(s) kept in fp32 "
+             f"({', '.join(keep) or 'none'}), {time.perf_counter() - started:.1f} s")
+        runner, output, how, persisted = _compile_any(simulated, args, kwargs, reference, "static", patches,
+                                                      len(batches), artifact_dir, note)
+        got, summary, problem = assess(f"int8 static, accuracy-controlled ({len(keep)} layer(s) kept in fp32)",
+                                       runner, output, reference, references, batches, tolerance, note)
+        if problem is None:
+            return runner, got, summary + sensitivity.kept_summary(batches, keep), None, persisted
+        if persisted:
+            packaged.discard(runner)
 
 
 def _compile_any(quantized: nn.Module, args: tuple, kwargs: dict, reference: Any, scheme: str, patches: dict,
