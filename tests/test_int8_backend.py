@@ -367,3 +367,36 @@ def test_only_dynamic_graphs_mix_with_bf16_and_only_on_amx():
     amx = "AMX_BF16" in detect().features
     assert int8.mixing_dtype("dynamic") == (torch.bfloat16 if amx else torch.float32)
     assert int8.mixing_dtype("static") == torch.float32 and int8.mixing_dtype("dynamic_torchao") == torch.float32
+
+
+class ResidualConvs(nn.Module):
+    """Two ``relu(conv(x) + x)`` blocks: the stock x86 quantizer's Conv+add+ReLU pattern."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv0, self.conv1 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.conv0(x) + x)
+        return torch.relu(self.conv1(x) + x)
+
+
+def _quantized_add_inputs(graph) -> int:
+    """How many inputs of the graph's adds come out of a dequantize (a u8 round trip)."""
+    adds = [n for n in graph.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
+    return sum("dequantize" in str(arg.target) for n in adds for arg in n.args if hasattr(arg, "target"))
+
+
+@pytest.mark.parametrize("float_residual", [False, True])
+def test_accuracy_control_keeps_the_residual_stream_in_floating_point(float_residual):
+    """The stock quantizer requantizes the residual stream at every add (its error passes undamped from block
+    to block); the accuracy-control retry quantizes each conv's input and weight only, the adds stay float."""
+    from cpuboost.backends.int8.quantize import _pt2e
+
+    net = ResidualConvs().eval()
+    x = torch.randn(2, 8, 8, 8)
+    graph = _pt2e(net, (x,), {}, [((torch.randn(2, 8, 8, 8),), {}) for _ in range(2)], float_residual=float_residual)
+    convs = [n for n in graph.graph.nodes if n.op == "call_function" and "conv" in str(n.target)]
+    assert len(convs) == 2 and all("dequantize" in str(n.args[0].target) for n in convs)  # inputs still int8
+    assert (_quantized_add_inputs(graph) == 0) == float_residual

@@ -42,7 +42,6 @@ def _load_cached(folder: Path, model: nn.Module, args: tuple, kwargs: dict, prec
         record = json.loads(sidecar.read_text(encoding="utf-8"))
         units.check_files(unit, record.get("files"), str(unit))
         measured = record["int8_accuracy"]
-        precision = {str(torch.float32): torch.float32}.get(record.get("precision"), precision)
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
             reference = model(*args, **kwargs)  # the answers' structure and dtypes
         blobs = blob_dir(folder)  # OpenVINO's compiled blob too: a warm start then reads no model
@@ -58,11 +57,10 @@ def _load_cached(folder: Path, model: nn.Module, args: tuple, kwargs: dict, prec
     return runner
 
 
-def _keep(folder: Path, staging: Path, measured: dict, precision: torch.dtype) -> None:
-    """The staged IR and its record (accuracy, what the unquantized layers run in, digests) published as the unit
-    ``folder/GRAPH``."""
+def _keep(folder: Path, staging: Path, measured: dict) -> None:
+    """The staged IR and its record (accuracy, digests) published as the unit ``folder/GRAPH``."""
     accuracy = {k: v for k, v in measured.items() if k != "problem"}
-    units.seal(staging, f"{GRAPH}.json", {"int8_accuracy": accuracy, "precision": str(precision)})
+    units.seal(staging, f"{GRAPH}.json", {"int8_accuracy": accuracy})
     units.publish(staging, folder / GRAPH)
 
 
@@ -94,15 +92,15 @@ def build(model: nn.Module, args: tuple, kwargs: dict, calibration: Any, note: C
 
     staging = units.stage(folder / GRAPH) if folder is not None else None
 
-    def convert(graph: nn.Module, label: str, rest: torch.dtype) -> tuple:
-        runner = openvino.build(graph, args, kwargs, rest, note, via_export=True, probe_tolerance=INT8_BOUND,
+    def convert(graph: nn.Module, label: str) -> tuple:
+        runner = openvino.build(graph, args, kwargs, precision, note, via_export=True, probe_tolerance=INT8_BOUND,
                                 save_to=staging / f"{GRAPH}.xml" if staging is not None else None)
         with torch.no_grad():
             output = runner(*args, **kwargs)
         return (runner, *assess(label, runner, output, reference, references, batches, tolerance, note))
 
     try:
-        runner, got, summary, problem = convert(quantized, "int8 static (OpenVINO)", precision)
+        runner, got, summary, problem = convert(quantized, "int8 static (OpenVINO)")
         if problem and len(layers(model, STATIC_LAYERS)) > 1:  # keep the most sensitive layers in fp32
             del runner
             splits = sensitivity.keep_sensitive(copy.deepcopy(model).eval(), args, kwargs, batches, references,
@@ -116,13 +114,11 @@ def build(model: nn.Module, args: tuple, kwargs: dict, calibration: Any, note: C
                     break
                 for module in simulated.modules():
                     module.training = False
-                # the rest in fp32: bf16's own error (0.06 on the realistic ResNet-50) would use up int8's bound
-                precision = torch.float32
                 runner, got, summary, problem = convert(simulated, f"int8 static (OpenVINO), accuracy-controlled "
-                                                                   f"({len(keep)} layer(s) kept in fp32)", precision)
+                                                                   f"({len(keep)} layer(s) kept in fp32)")
                 summary += sensitivity.kept_summary(batches, keep)
         if folder is not None and not problem:
-            _keep(folder, staging, got, precision)
+            _keep(folder, staging, got)
     finally:
         units.discard(staging)  # gone already once published
     if problem:
