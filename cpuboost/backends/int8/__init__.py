@@ -234,6 +234,7 @@ def _keep_sensitive(model: nn.Module, args: tuple, kwargs: dict, batches: list, 
             return runner, got, summary + sensitivity.kept_summary(batches, keep), None, persisted
         if persisted:
             packaged.discard(runner)
+        del runner, output  # the graph that missed goes before the next is compiled
 
 
 def _compile_any(quantized: nn.Module, args: tuple, kwargs: dict, reference: Any, scheme: str, patches: dict,

@@ -102,11 +102,11 @@ def build(model: nn.Module, args: tuple, kwargs: dict, calibration: Any, note: C
     try:
         runner, got, summary, problem = convert(quantized, "int8 static (OpenVINO)")
         if problem and len(layers(model, STATIC_LAYERS)) > 1:  # keep the most sensitive layers in fp32
-            del runner
             splits = sensitivity.keep_sensitive(copy.deepcopy(model).eval(), args, kwargs, batches, references,
                                                 reference, tolerance, note, fold_weights=False)
             first = problem
             while problem:
+                del runner  # the graph that missed goes before the next is converted
                 try:
                     simulated, keep = next(splits)
                 except Exception as exc:  # noqa: BLE001 - no split passes: the first verdict stands, with why
