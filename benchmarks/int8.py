@@ -9,6 +9,8 @@ built once (build times printed), then `reps` rounds, each round timing every pa
 load of a shared machine falls on all paths alike. Reported: median and min wall time, and the median of
 per-round ratios bf16/path ("paired", the most robust number on a noisy machine). Errors vs eager fp32:
 max|diff|/max|ref| and cosine over every floating output, top-1 agreement for logits.
+--bert-calibration gives BERT 4 calibration batches of random ids, so int8 is static (Inductor and OpenVINO)
+rather than dynamic.
 --extra adds, for BERT, the int8 alternatives measured to choose the scheme: torchao dynamic (per-token
 scales, scheme="dynamic_torchao"), and static PT2E calibrated on the example input alone.
 --realistic gives ResNet-50 real-looking activations: inputs are smooth images (upsampled noise, normalised
@@ -98,7 +100,7 @@ def recalibrate_batchnorm(model, batches: int = 8) -> None:
     model.eval()
 
 
-def workloads(names, realistic: bool = False):
+def workloads(names, realistic: bool = False, bert_calibration: bool = False):
     from transformers import BertConfig, BertModel, ResNetConfig, ResNetForImageClassification
 
     torch.manual_seed(0)
@@ -114,7 +116,10 @@ def workloads(names, realistic: bool = False):
     if "bert" in names:
         model = BertModel(BertConfig()).eval()
         ids = torch.randint(0, 30522, (8, 128))
-        yield "BERT-base s128 b8", model, (), {"input_ids": ids}, None
+        calibration = [{"input_ids": torch.randint(0, 30522, (8, 128))} for _ in range(4)] if bert_calibration \
+            else None
+        yield f"BERT-base s128 b8{' (4 calibration batches)' if bert_calibration else ''}", model, (), \
+            {"input_ids": ids}, calibration
 
 
 WARM_CHILD = """
@@ -161,13 +166,16 @@ def main() -> None:
     parser.add_argument("--extra", action="store_true")
     parser.add_argument("--warm", action="store_true", help="cold vs warm first answer in fresh processes")
     parser.add_argument("--realistic", action="store_true", help="ResNet-50: smooth inputs, BatchNorm recalibrated")
+    parser.add_argument("--bert-calibration", action="store_true",
+                        help="BERT-base: 4 calibration batches of random ids (static int8) instead of none (dynamic)")
     parser.add_argument("--optimize", action="store_true", help="add cpuboost.optimize bf16 and int8 paths")
     opts = parser.parse_args()
     if opts.warm:
         return warm(opts.models.split(","))
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
-    for title, model, args, kwargs, calibration in workloads(opts.models.split(","), opts.realistic):
+    chosen = workloads(opts.models.split(","), opts.realistic, opts.bert_calibration)
+    for title, model, args, kwargs, calibration in chosen:
         print(f"\n== {title}", flush=True)
 
         def eager(*a, **k):

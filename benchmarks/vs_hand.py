@@ -2,6 +2,7 @@
 
     python benchmarks/vs_hand.py --model gpt2 --variants auto,static --rounds 20
     python benchmarks/vs_hand.py --model llama --variants auto,auto-cache
+    python benchmarks/vs_hand.py --model convnext --variants auto,auto-cache --batch 8
 
 The zoo (benchmarks/zoo.py) gives each path its own process and fresh caches; this puts cpuboost's served model
 and the hand compile (torch.compile with freezing, called under autocast bf16) in one process and times them in
@@ -62,10 +63,12 @@ def main() -> None:
     parser.add_argument("--model", default="gpt2")
     parser.add_argument("--variants", default="auto,static")
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=1, help="the zoo model's batch (zoo.py --batch)")
     opts = parser.parse_args()
+    zoo.BATCH = opts.batch
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     print(f"reproduce: python benchmarks/vs_hand.py --model {opts.model} --variants {opts.variants} "
-          f"--rounds {opts.rounds}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+          f"--rounds {opts.rounds} --batch {opts.batch}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     spec = zoo.build(opts.model)
     paths = {"hand": hand_compile(spec)}
     for variant in opts.variants.split(","):

@@ -3,6 +3,7 @@
     python benchmarks/zoo.py                                  # every model, one subprocess each
     python benchmarks/zoo.py --models resnet,bert,gpt2 --repeat 15 --json zoo.json --plot zoo.png
     python benchmarks/zoo.py --models resnet --dtypes fp32,int8   # add cpuboost fp32 / int8 paths
+    python benchmarks/zoo.py --models resnet,regnet --dtypes int8 --batch 8   # every input (and calibration) b8
     python benchmarks/zoo.py --list                           # the model names
     python benchmarks/zoo.py --one bert --json -               # the worker: one model, JSON on stdout
 
@@ -63,7 +64,7 @@ class Spec:
     args: tuple = ()
     kwargs: dict = dataclasses.field(default_factory=dict)
     description: str = ""
-    calibration: list | None = None  # example inputs for int8 (vision models)
+    calibration: list | None = None  # example inputs for int8 (static): images, or random token ids
 
     def call(self, fn: Callable[..., Any]) -> Any:
         return fn(*self.args, **self.kwargs)
@@ -114,11 +115,14 @@ def make_nontrivial(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def _image(config: Any, batch: int = 1, seed: int = 1) -> torch.Tensor:
+BATCH = 1  # every model's batch (``--batch``): int8's integer kernels pay from a few rows up
+
+
+def _image(config: Any, seed: int = 1) -> torch.Tensor:
     size = getattr(config, "image_size", 224)
     size = size if isinstance(size, int) else size[0]
     channels = getattr(config, "num_channels", 3)
-    return torch.randn(batch, channels, size, size, generator=_seeded(seed))
+    return torch.randn(BATCH, channels, size, size, generator=_seeded(seed))
 
 
 def _vision(name: str, model: nn.Module, config: Any, description: str) -> Spec:
@@ -130,15 +134,19 @@ def _vision(name: str, model: nn.Module, config: Any, description: str) -> Spec:
 
 def _text(name: str, model: nn.Module, vocab: int, seq: int, description: str, decoder_seq: int = 0,
           mask: bool = True, token_types: bool = False) -> Spec:
-    g = _seeded(1)
-    kwargs: dict[str, torch.Tensor] = {"input_ids": torch.randint(0, vocab, (1, seq), generator=g)}
-    if mask:
-        kwargs["attention_mask"] = torch.ones(1, seq, dtype=torch.long)
-    if token_types:
-        kwargs["token_type_ids"] = torch.zeros(1, seq, dtype=torch.long)
-    if decoder_seq:
-        kwargs["decoder_input_ids"] = torch.randint(0, vocab, (1, decoder_seq), generator=g)
-    return Spec(name, "text", make_nontrivial(model), (), kwargs, description=description)
+    def tokens(seed: int) -> dict[str, torch.Tensor]:
+        g = _seeded(seed)
+        kwargs = {"input_ids": torch.randint(0, vocab, (BATCH, seq), generator=g)}
+        if mask:
+            kwargs["attention_mask"] = torch.ones(BATCH, seq, dtype=torch.long)
+        if token_types:
+            kwargs["token_type_ids"] = torch.zeros(BATCH, seq, dtype=torch.long)
+        if decoder_seq:
+            kwargs["decoder_input_ids"] = torch.randint(0, vocab, (BATCH, decoder_seq), generator=g)
+        return kwargs
+
+    return Spec(name, "text", make_nontrivial(model), (), tokens(1), description=description,
+                calibration=[tokens(100 + i) for i in range(4)])
 
 
 # Vision ------------------------------------------------------------------------------------------------
@@ -303,8 +311,8 @@ def whisper() -> Spec:
                               encoder_attention_heads=6, decoder_attention_heads=6, encoder_ffn_dim=1536,
                               decoder_ffn_dim=1536, use_cache=False)
     g = _seeded(1)
-    features = torch.randn(1, config.num_mel_bins, 2 * config.max_source_positions, generator=g)
-    decoder = torch.randint(0, config.vocab_size, (1, 16), generator=g)
+    features = torch.randn(BATCH, config.num_mel_bins, 2 * config.max_source_positions, generator=g)
+    decoder = torch.randint(0, config.vocab_size, (BATCH, 16), generator=g)
     model = make_nontrivial(tf.WhisperForConditionalGeneration(config))
     return Spec("whisper", "audio", model, (), {"input_features": features, "decoder_input_ids": decoder},
                 description="Whisper-tiny, 10 s log-mel (1000 frames), decoder seq 16")
@@ -313,7 +321,7 @@ def whisper() -> Spec:
 def wav2vec2() -> Spec:
     tf = _tf()
     config = tf.Wav2Vec2Config()  # base: conv feature extractor + 12 layers of 768; 1 s of 16 kHz audio
-    audio = torch.randn(1, 16000, generator=_seeded(1))
+    audio = torch.randn(BATCH, 16000, generator=_seeded(1))
     model = make_nontrivial(tf.Wav2Vec2ForCTC(config))
     return Spec("wav2vec2", "audio", model, (audio,), description="Wav2Vec2-base CTC, 1 s at 16 kHz")
 
@@ -599,6 +607,13 @@ def ratios(result: dict, path: str) -> dict:
     return out
 
 
+def vs_cpuboost_bf16(result: dict, dtype: str) -> float | None:
+    """Median same-round speed of cpuboost ``dtype`` over cpuboost bf16 (int8's own bar: >= 1.3x)."""
+    t = result.get("timing", {}).get("per_call_s", {})
+    mine, bf16 = t.get(f"cpuboost_{dtype}"), t.get("cpuboost_bf16")
+    return statistics.median(b / m for b, m in zip(bf16, mine)) if mine and bf16 else None
+
+
 def tolerance(result: dict, dtype: str) -> float:
     """The pass bar on max|diff|/max|ref|: fp32 1e-4; bf16 max(3e-2, 3x eager autocast bf16's own error)."""
     if dtype == "fp32":
@@ -627,6 +642,8 @@ def verdict(result: dict) -> dict:
 
 
 def worker(args: argparse.Namespace) -> int:
+    global BATCH
+    BATCH = args.batch
     dtypes = ["bf16"] + [d for d in args.dtypes.split(",") if d and d != "bf16"]
     skip = {p for p in args.skip.split(",") if p}
     try:
@@ -671,7 +688,7 @@ def run_child(name: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"zoo-{name}-") as tmp:
         out = os.path.join(tmp, "result.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--json", out, "--repeat", str(args.repeat),
-               "--dtypes", args.dtypes, "--skip", args.skip]
+               "--dtypes", args.dtypes, "--skip", args.skip, "--batch", str(args.batch)]
         # cpuboost's persistent cache too: a decision kept by an earlier run (or older code) would skip the race
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"), PYTHONWARNINGS="ignore",
                    CPUBOOST_CACHE_DIR=os.path.join(tmp, "cpuboost"))
@@ -753,7 +770,8 @@ def report_lines(results: list[dict], extra: list[str]) -> list[str]:
                 rr = ratios(res, f"cpuboost_{d}")
                 notes.append(f"  {name}: cpuboost {d}: served {e.get('served')}, err {e['rel_err']:.1e} "
                              f"(tol {tolerance(res, d):.0e}), {_fmt_x(rr.get('vs_eager_fp32'))} eager, "
-                             f"{_fmt_x(rr.get('vs_best'))} best, build {_fmt_s(e.get('build_s'))}")
+                             f"{_fmt_x(vs_cpuboost_bf16(res, d))} cpuboost bf16, {_fmt_x(rr.get('vs_best'))} best, "
+                             f"build {_fmt_s(e.get('build_s'))}")
             else:
                 notes.append(f"  {name}: cpuboost {d}: {e.get('status', 'not run')}")
     if notes:
@@ -777,9 +795,11 @@ def summary(results: list[dict]) -> dict:
         cb = r["paths"].get("cpuboost_bf16", {})
         key = cb.get("served", "error") if cb.get("status") == "ok" else "error"
         served[key] = served.get(key, 0) + 1
+    int8 = {r["model"]: vs_cpuboost_bf16(r, "int8") for r in ran}
+    int8 = {name: x for name, x in int8.items() if x}
     return {"models": len(results), "ran": len(ran), "failed": [r["model"] for r in results if r.get("failure")],
             "passed": len(passed), "geomean_vs_eager": geo(vs_eager), "geomean_vs_best": geo(vs_best),
-            "served": served}
+            "served": served, "int8_vs_bf16": int8}
 
 
 def plot(results: list[dict], path: str, extra: list[str]) -> None:
@@ -802,7 +822,7 @@ def plot(results: list[dict], path: str, extra: list[str]) -> None:
     ax.set_xticks([j + width * (len(keys) - 1) / 2 for j in range(len(ran))])
     ax.set_xticklabels([r["model"] for r in ran], rotation=45, ha="right")
     ax.set_ylabel("speed-up over eager fp32 (median of same-round ratios)")
-    ax.set_title("cpuboost zoo, batch 1 (missing bar: path could not run)")
+    ax.set_title(f"cpuboost zoo, batch {BATCH} (missing bar: path could not run)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -821,8 +841,10 @@ def parent(args: argparse.Namespace) -> int:
           f"{info['torch']} ({info['torch_threads']} threads), transformers {info['transformers']}, openvino "
           f"{info['openvino']}; load average {info['loadavg_start'][0]:.1f}; OMP_WAIT_POLICY in workers: "
           f"{os.environ.get('OMP_WAIT_POLICY', 'unset') if args.omp_wait == 'inherit' else args.omp_wait.upper()}")
-    print(f"{len(names)} model(s), {args.repeat} interleaved rounds each, timeout {args.timeout:.0f} s per model",
-          flush=True)
+    global BATCH
+    BATCH = args.batch
+    print(f"{len(names)} model(s), batch {args.batch}, {args.repeat} interleaved rounds each, timeout "
+          f"{args.timeout:.0f} s per model", flush=True)
     results = []
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name} ...", end=" ", flush=True)
@@ -846,6 +868,9 @@ def parent(args: argparse.Namespace) -> int:
           f"vs best {_fmt_x(s['geomean_vs_best'])}; served: "
           + ", ".join(f"{k} x{v}" for k, v in sorted(s["served"].items()))
           + (f"; failed to run: {', '.join(s['failed'])}" if s["failed"] else ""))
+    if s["int8_vs_bf16"]:
+        fast = sorted(name for name, x in s["int8_vs_bf16"].items() if x >= 1.3)
+        print(f"int8: >= 1.3x cpuboost bf16 on {len(fast)}/{len(s['int8_vs_bf16'])} ({', '.join(fast) or 'none'})")
     print(f"load average at end {info['loadavg_end'][0]:.1f} (2 cores: ratios are same-round medians; absolute ms are "
           "not comparable across runs)")
     print(f"reproduce: {repro}")
@@ -868,6 +893,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=10, help="interleaved timing rounds per model (default 10)")
     parser.add_argument("--dtypes", default="bf16",
                         help="cpuboost dtypes: bf16 always; add fp32 and/or int8, e.g. --dtypes bf16,fp32,int8")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="batch size of every model's input and calibration batches (default 1)")
     parser.add_argument("--skip", default="", help="peers to leave out: hand_compile, openvino")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per model (default 1200)")
     parser.add_argument("--json", help="write all results (with every sample) here; with --one: '-' = stdout")

@@ -361,12 +361,15 @@ def test_accuracy_reports_error_cosine_and_top1():
     assert int8.accuracy(torch.ones(3), torch.ones(3).bfloat16())["max_err"] == 0.0
 
 
-def test_only_dynamic_graphs_mix_with_bf16_and_only_on_amx():
+def test_graphs_without_convolutions_mix_with_bf16_and_only_on_amx():
     from cpuboost.machine.hardware import detect
 
-    amx = "AMX_BF16" in detect().features
-    assert int8.mixing_dtype("dynamic") == (torch.bfloat16 if amx else torch.float32)
-    assert int8.mixing_dtype("static") == torch.float32 and int8.mixing_dtype("dynamic_torchao") == torch.float32
+    mixed = torch.bfloat16 if "AMX_BF16" in detect().features else torch.float32
+    linear_only, convolutional = nn.Sequential(nn.Linear(8, 8), nn.GELU()), ResidualConvs()
+    assert int8.mixing_dtype("dynamic") == mixed and int8.mixing_dtype("dynamic", linear_only) == mixed
+    assert int8.mixing_dtype("static", linear_only) == mixed
+    assert int8.mixing_dtype("static", convolutional) == torch.float32 and int8.mixing_dtype("static") == torch.float32
+    assert int8.mixing_dtype("dynamic_torchao", linear_only) == torch.float32
 
 
 class ResidualConvs(nn.Module):

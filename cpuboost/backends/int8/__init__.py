@@ -172,7 +172,7 @@ def build(model: nn.Module, args: tuple, kwargs: dict, calibration: list | None,
 
     started = time.perf_counter()
     runner, output, how, persisted = _compile_any(quantized, args, kwargs, reference, scheme, patches,
-                                                  len(batches), artifact_dir, note)
+                                                  len(batches), artifact_dir, note, mixing_dtype(scheme, model))
     note(f"int8 compile ({how}): {time.perf_counter() - started:.1f} s")
     got, summary, problem = assess(f"int8 {scheme}", runner, output, reference, references, batches, tolerance,
                                    note)
@@ -192,14 +192,21 @@ def build(model: nn.Module, args: tuple, kwargs: dict, calibration: list | None,
     return runner
 
 
-def mixing_dtype(scheme: str) -> torch.dtype:
-    """What a dynamic int8 graph runs its other layers in (attention, norms, activations: int8 quantizes the
-    Linears only): bf16 under autocast where the CPU has AMX_BF16 (BERT-base s128 b8, Xeon with AMX: 106 against
-    139 ms with fp32 around the int8 Linears, max error 0.052 against 0.056), fp32 elsewhere (an AMD EPYC with
-    AVX512_BF16 showed no clear gain). Static graphs (convolutions, u8 between them) keep fp32."""
+def mixing_dtype(scheme: str, model: nn.Module | None = None) -> torch.dtype:
+    """What an int8 graph runs its other layers in (attention, norms, activations): bf16 under autocast where the
+    CPU has AMX_BF16, fp32 elsewhere (an AMD EPYC with AVX512_BF16 showed no clear gain). Dynamic graphs quantize
+    the Linears only (BERT-base s128 b8, Xeon with AMX: 106 against 139 ms with fp32 around the int8 Linears, max
+    error 0.052 against 0.056); a static graph of a model without convolutions likewise (BERT-base b8 static:
+    81 against 92 ms, max error 0.060 against 0.059). Static graphs of convolutional models (u8 between the
+    convolutions) keep fp32; so does ``dynamic_torchao``."""
     from ...machine.hardware import detect
 
-    return torch.bfloat16 if scheme == "dynamic" and "AMX_BF16" in detect().features else torch.float32
+    if "AMX_BF16" not in detect().features:
+        return torch.float32
+    if scheme == "dynamic":
+        return torch.bfloat16
+    convolutional = model is None or any(isinstance(m, (nn.Conv1d, nn.Conv2d)) for m in model.modules())
+    return torch.bfloat16 if scheme == "static" and not convolutional else torch.float32
 
 
 def quantizable_layers(model: nn.Module) -> int:
@@ -227,7 +234,7 @@ def _keep_sensitive(model: nn.Module, args: tuple, kwargs: dict, batches: list, 
         note(f"int8 accuracy control: residual stream in floating point, {len(keep)} layer(s) kept in fp32 "
              f"({', '.join(keep) or 'none'}), {time.perf_counter() - started:.1f} s")
         runner, output, how, persisted = _compile_any(simulated, args, kwargs, reference, "static", patches,
-                                                      len(batches), artifact_dir, note)
+                                                      len(batches), artifact_dir, note, torch.float32)
         got, summary, problem = assess(f"int8 static, accuracy-controlled ({len(keep)} layer(s) kept in fp32)",
                                        runner, output, reference, references, batches, tolerance, note)
         if problem is None:
@@ -238,11 +245,12 @@ def _keep_sensitive(model: nn.Module, args: tuple, kwargs: dict, batches: list, 
 
 
 def _compile_any(quantized: nn.Module, args: tuple, kwargs: dict, reference: Any, scheme: str, patches: dict,
-                 batches: int, artifact_dir: Path | None, note: Callable[[str], None]) -> tuple[Any, Any, str, bool]:
+                 batches: int, artifact_dir: Path | None, note: Callable[[str], None],
+                 mix: torch.dtype) -> tuple[Any, Any, str, bool]:
     """(callable, its output on the example, how it was built, whether it is in ``artifact_dir``): AOTInductor
-    into ``artifact_dir`` when there is one, else (or when that fails) torch.compile, C++ wrapper first."""
+    into ``artifact_dir`` when there is one, else (or when that fails) torch.compile, C++ wrapper first; the
+    layers int8 leaves alone run in ``mix``."""
     name = type(quantized).__name__
-    mix = mixing_dtype(scheme)
     mixed = ", the rest in bf16" if mix == torch.bfloat16 else ""
     if artifact_dir is not None and scheme in ("static", "dynamic"):
         try:
