@@ -403,3 +403,37 @@ def test_accuracy_control_keeps_the_residual_stream_in_floating_point(float_resi
     convs = [n for n in graph.graph.nodes if n.op == "call_function" and "conv" in str(n.target)]
     assert len(convs) == 2 and all("dequantize" in str(n.args[0].target) for n in convs)  # inputs still int8
     assert (_quantized_add_inputs(graph) == 0) == float_residual
+
+
+def tiny_roberta() -> nn.Module:
+    from transformers import RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    cfg = RobertaConfig(vocab_size=500, max_position_embeddings=64, pad_token_id=1, type_vocab_size=1,
+                        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+    return RobertaModel(cfg).eval()
+
+
+def _roberta_tokens(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(3, 500, (2, 16), generator=g), "attention_mask": torch.ones(2, 16).long()}
+
+
+@pytest.mark.parametrize("float_residual", [False, True])
+def test_static_int8_leaves_integer_tensors_unobserved(float_residual):
+    """RoBERTa computes its position ids with integer add/mul, which the x86 quantizer annotates by op: a
+    histogram observer on an int32 tensor failed the whole static quantization ("histogram_cpu" not
+    implemented for 'Int'). Integer tensors now carry no observer and the Linears are still int8."""
+    from cpuboost.backends.int8.quantize import _pt2e
+
+    model = tiny_roberta()
+    kwargs = _roberta_tokens(1)
+    graph = _pt2e(model, (), kwargs, [((), _roberta_tokens(100 + i)) for i in range(2)],
+                  float_residual=float_residual)
+    nodes = [n for n in graph.graph.nodes if n.op == "call_function"]
+    quantized = [n for n in nodes if "quantize_per_tensor" in str(n.target)]
+    assert quantized and all(n.args[0].meta["val"].is_floating_point() for n in quantized
+                             if "val" in n.args[0].meta)
+    assert sum("linear" in str(n.target) and "dequantize" in str(n.args[0].target) for n in nodes) >= 8
+    with torch.no_grad():
+        assert_close(model(**kwargs), graph(**kwargs))

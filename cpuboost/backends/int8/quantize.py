@@ -38,6 +38,40 @@ def _x86_quantizer_module():
     return xiq
 
 
+def _floating(node) -> bool:
+    """Whether an FX node's value is a floating tensor (what an observer can measure)."""
+    value = node.meta.get("val") if hasattr(node, "meta") else None
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def drop_integer_annotations(graph_module) -> None:
+    """Removes the quantizer's observers from integer tensors. The x86 quantizer annotates ``add``/``mul`` by
+    op, whatever the dtype: RoBERTa's position ids (``cumsum(input_ids != pad) * mask``, int32) then met a
+    histogram observer, and ``torch.histc`` has no integer kernel ("histogram_cpu" not implemented for 'Int'):
+    static int8 of RoBERTa failed. An op left with no floating input or output is not quantized at all."""
+    for node in graph_module.graph.nodes:
+        annotation = node.meta.get("quantization_annotation")
+        if annotation is None:
+            continue
+        for source in [n for n in annotation.input_qspec_map if not _floating(n)]:
+            del annotation.input_qspec_map[source]
+        if annotation.output_qspec is not None and not _floating(node):
+            annotation.output_qspec = None
+
+
+def _integer_safe(quantizer_class):
+    """``quantizer_class`` whose annotations skip integer tensors (``drop_integer_annotations``)."""
+
+    class IntegerSafeQuantizer(quantizer_class):
+        def annotate(self, model):
+            model = super().annotate(model)
+            drop_integer_annotations(model)
+            return model
+
+    IntegerSafeQuantizer.__name__ = quantizer_class.__name__
+    return IntegerSafeQuantizer
+
+
 def _float_residual_quantizer(xiq):
     """The x86 quantizer without its Conv+add(+ReLU) patterns: a convolution feeding a residual add quantizes its
     input and weight only, and the residual stream stays in floating point. The stock patterns quantize the add's
@@ -46,7 +80,7 @@ def _float_residual_quantizer(xiq):
     0.176 max error, keeping its five most sensitive convolutions in fp32 0.148; with the stream in floating
     point 0.121 and 0.064 (bound 0.1). Linear+add keeps its stream in floating point in the stock quantizer too."""
 
-    class FloatResidualQuantizer(xiq.X86InductorQuantizer):
+    class FloatResidualQuantizer(_integer_safe(xiq.X86InductorQuantizer)):
         def _annotate_conv2d_binary_unary(self, *args, **kwargs) -> None:
             pass
 
@@ -69,7 +103,8 @@ def _pt2e(model: nn.Module, args: tuple, kwargs: dict, batches: list, fold_weigh
     xiq = _x86_quantizer_module()
     exported = torch.export.export(model, tuple(args), dict(kwargs), strict=False).module()
     config = xiq.get_default_x86_inductor_quantization_config(is_dynamic=not batches)
-    quantizer = (_float_residual_quantizer(xiq) if float_residual else xiq.X86InductorQuantizer()).set_global(config)
+    stock = _integer_safe(xiq.X86InductorQuantizer)
+    quantizer = (_float_residual_quantizer(xiq) if float_residual else stock()).set_global(config)
     for name in keep:
         quantizer.set_module_name_qconfig(name, None)
     prepared = prepare_pt2e(exported, quantizer)
