@@ -238,6 +238,37 @@ def test_a_batched_token_models_smaller_last_batch_is_served_by_the_first_graph(
         str(report)
 
 
+def test_the_batch_dim_is_dynamic_in_every_input_that_carries_the_batch():
+    from cpuboost.core.signature import sequence_dims
+
+    shapes = {"input_ids": (8, 128), "attention_mask": (8, 128), "decoder_input_ids": (8, 32), "scale": (8,),
+              "table": (4, 8)}
+    assert sequence_dims(shapes) == {"input_ids": [0, 1], "attention_mask": [0, 1], "decoder_input_ids": [0]}
+    assert sequence_dims({"input_ids": (1, 16), "decoder_input_ids": (1, 4)}) == {"input_ids": [1]}
+
+
+def test_an_encoder_decoders_smaller_last_batch_is_served_by_the_first_graph():
+    """BART at batch 3, then 2: the decoder's ids change batch with the encoder's, so the first graph is dynamic
+    in their batch dim too. Marked in the token inputs only, OpenVINO's check of the dynamic graph paired a
+    grown encoder batch with the decoder's old one, eager refused that input and the OpenVINO rung failed."""
+    config = transformers.BartConfig(vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_position_embeddings=64,
+                                     use_cache=False)
+    torch.manual_seed(0)
+    net = transformers.BartModel(config).eval()
+    model = cpuboost.optimize(net, dtype="fp32", backend="openvino", tune_budget=0)
+    for batch in (3, 2):
+        inputs = {**_ids(12, batch), "decoder_input_ids": _ids(5, batch)["input_ids"]}
+        with torch.no_grad():
+            expected = net(**inputs).last_hidden_state
+        torch.testing.assert_close(model(**inputs).last_hidden_state, expected, rtol=1e-4, atol=1e-4)
+    report = cpuboost.explain(model)
+    assert report.graphs[0].path == "openvino", str(report)
+    assert report.graphs[0].dynamic == "input_ids:[0, 1], attention_mask:[0, 1], decoder_input_ids:[0]", str(report)
+    assert report.graphs[1].rungs[0].fate.startswith("served (dynamic graph"), str(report)
+
+
 @pytest.mark.slow
 def test_a_dynamic_build_leaves_the_callers_tensors_unmarked_for_other_compiled_graphs():
     """The dynamic build marks an alias of the input, never the caller's tensor: a marked tensor fails the

@@ -93,9 +93,17 @@ def sequence_dims(shapes: dict[Any, tuple[int, ...]]) -> dict[Any, list[int]]:
     than 1: a text model meets a new length almost every call, so its first graph is built dynamic in that dim
     and one build serves the family (instead of a static build, then a dynamic one at the second length).
     Dim 0 too when it is a batch of more than one: a batched pipeline's or loader's last batch is smaller
-    (BERT-base pipeline, batch 8: that tail batch cost a second build)."""
-    return {w: [d for d in (0, 1) if shape[d] > 1] for w, shape in shapes.items()
+    (BERT-base pipeline, batch 8: that tail batch cost a second build). Then dim 0 of every other input of two
+    or more dims that is as long: a batch shrinks in all its inputs at once, and marked in the token inputs only,
+    an encoder-decoder's ``decoder_input_ids`` kept its batch while they changed (BART b8: OpenVINO's check of
+    its dynamic graph met a batch of 9 beside one of 8, and eager refused that input)."""
+    dims = {w: [d for d in (0, 1) if shape[d] > 1] for w, shape in shapes.items()
             if w in SEQUENCE_INPUTS and len(shape) == 2 and shape[1] > 1}
+    batches = {shapes[w][0] for w, d in dims.items() if 0 in d}
+    if len(batches) == 1:
+        batch = batches.pop()
+        dims.update({w: [0] for w, shape in shapes.items() if w not in dims and len(shape) >= 2 and shape[0] == batch})
+    return dims
 
 
 def checked_dims(declared: dict, shapes: dict) -> dict:
