@@ -37,9 +37,11 @@ def position_limit(model: Any) -> Optional[int]:
 
 
 def _resized(tensor: torch.Tensor, length: int) -> torch.Tensor:
-    """``tensor`` with dim 1 tiled or cut to ``length``: token ids, masks and positions stay valid values."""
+    """``tensor`` with dim 1 tiled or cut to ``length``: token ids, masks and positions stay valid values. Cloned
+    to standard strides: a cut of a batch of one is "contiguous" with stride(0) of the uncut length, which the
+    dynamic graph's stride guard refused, so no shorter probe length was ever timed."""
     repeats = -(-length // tensor.shape[1])
-    return torch.cat([tensor] * repeats, dim=1)[:, :length].contiguous()
+    return torch.cat([tensor] * repeats, dim=1)[:, :length].clone(memory_format=torch.contiguous_format)
 
 
 def other_length(args: tuple, kwargs: dict, dims: dict, model: Any) -> Optional[Probe]:

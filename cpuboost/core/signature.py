@@ -35,6 +35,32 @@ def call_key(args: tuple, kwargs: dict) -> Hashable:
     return (_key(args), _key(kwargs), autocast)
 
 
+def _standard_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _restrided(value: Any) -> Any:
+    if not isinstance(value, torch.Tensor) or value.layout != torch.strided or value.dim() < 2 or not value.numel() \
+            or not value.is_contiguous():
+        return value
+    strides = _standard_strides(value.shape)
+    return value if value.stride() == strides else value.as_strided(value.shape, strides, value.storage_offset())
+
+
+def standard_strides(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The call's top-level tensors with standard strides where they are contiguous but a size-1 dim carries
+    another stride: ``ids[:, :32]`` of a 1 x 128 tensor is contiguous with strides (128, 1). The same elements
+    (a view, no copy); a compiled graph guards ``stride(0) == size(1)`` and refused such a call, so a sliced
+    batch of one rebuilt the whole graph (a Llama's 6 s compile) where its dynamic graph serves that length."""
+    if not any(_restrided(a) is not a for a in (*args, *kwargs.values())):
+        return args, kwargs
+    return tuple(_restrided(a) for a in args), {k: _restrided(v) for k, v in kwargs.items()}
+
+
 def describe(args: tuple, kwargs: dict) -> str:
     """A short human-readable form of a signature for reports."""
     parts = []
