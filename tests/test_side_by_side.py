@@ -140,3 +140,12 @@ def test_the_probe_keeps_token_values_valid_and_other_inputs_as_they_are():
     assert probe.other_length((), {"input_ids": ids}, {}, None) is None  # not dynamic: no probe
     assert probe.other_length((), {"input_ids": ids, "attention_mask": mask[:, :5]},
                               {"input_ids": [1], "attention_mask": [1]}, None) is None  # two lengths: unclear
+
+
+def test_a_shorter_probe_has_the_strides_of_a_fresh_tensor():
+    """A cut of a batch of one kept stride(0) of the uncut length, which every dynamic graph's stride guard
+    refused: the shorter length was never timed."""
+    ids = torch.arange(128).reshape(1, 128)
+    found = probe.other_length((), {"input_ids": ids}, {"input_ids": [1]}, None)
+    assert found.length == 32 and found.kwargs["input_ids"].stride() == (32, 1)
+    assert torch.equal(found.kwargs["input_ids"], ids[:, :32])
