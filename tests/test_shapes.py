@@ -138,14 +138,15 @@ def test_compiled_dynamic_graph_serves_new_lengths_without_rebuilding(tmp_path):
     model = cpuboost.optimize(net, dtype="fp32", backend="native", tune_budget=0)
     sliced = {k: v[:, :32] for k, v in _ids(64).items()}  # contiguous, stride(0) 64: the graph guards 32
     assert sliced["input_ids"].is_contiguous() and sliced["input_ids"].stride() == (64, 1)
-    for inputs in (*map(_ids, (8, 16, 24, 40)), sliced):
+    cut = {k: v[:, ::2] for k, v in _ids(60).items()}  # not contiguous: a family of its own before
+    for inputs in (*map(_ids, (8, 16, 24, 40)), sliced, cut):
         with torch.no_grad():
             expected = net(**inputs).last_hidden_state
         torch.testing.assert_close(model(**inputs).last_hidden_state, expected, rtol=1e-4, atol=1e-5)
     assert sliced["input_ids"].stride() == (64, 1)  # the caller's tensor is left as it was
     graphs = cpuboost.explain(model).graphs
     built = [g for g in graphs if not g.rungs[0].fate.startswith("served (dynamic")]
-    assert len(built) == 1 and built[0].dynamic and len(graphs) == 5, str(cpuboost.explain(model))
+    assert len(built) == 1 and built[0].dynamic and len(graphs) == 6, str(cpuboost.explain(model))
     raced = [r.name for g in graphs for r in g.rungs if not r.fate.startswith(("not tried", "served (dynamic"))]
     assert raced.count("inductor fp32") == 1, raced
     assert all(g.verification.startswith(("ok", "is the reference", "eager")) for g in graphs[:2]), \
@@ -249,18 +250,23 @@ def test_the_batch_dim_is_dynamic_in_every_input_that_carries_the_batch():
     assert sequence_dims({"input_ids": (1, 16), "decoder_input_ids": (1, 4)}) == {"input_ids": [1]}
 
 
-def test_contiguous_inputs_are_given_standard_strides_as_views():
-    from cpuboost.core.signature import call_key, standard_strides
+def test_inputs_get_the_layout_graphs_are_built_for_and_the_callers_tensors_stay():
+    from cpuboost.core.signature import call_key, standard_layout
 
-    cut = torch.arange(128).reshape(1, 128)[:, :32]
-    strided = torch.arange(256).reshape(2, 128)[:, :32]  # not contiguous: its own signature, left as it is
+    cut = torch.arange(128).reshape(1, 128)[:, :32]  # contiguous, strides (128, 1): a view with (32, 1)
+    strided = torch.arange(256).reshape(2, 128)[:, :32]  # not contiguous: a contiguous copy
+    expanded = torch.ones(1, 32).expand(2, 32)
     last = torch.randn(1, 3, 4, 4).contiguous(memory_format=torch.channels_last)
-    args, kwargs = standard_strides((cut, 5), {"s": strided, "cl": last, "plain": torch.ones(2, 3)})
+    args, kwargs = standard_layout((cut, 5), {"s": strided, "e": expanded, "cl": last, "plain": torch.ones(2, 3)})
     assert args[0].stride() == (32, 1) and torch.equal(args[0], cut) and args[0].data_ptr() == cut.data_ptr()
-    assert args[1] == 5 and kwargs["s"] is strided and kwargs["cl"] is last
+    assert kwargs["s"].is_contiguous() and torch.equal(kwargs["s"], strided) and strided.stride() == (128, 1)
+    assert kwargs["e"].stride() == (32, 1) and torch.equal(kwargs["e"], expanded) and expanded.stride() == (0, 1)
+    assert args[1] == 5 and kwargs["cl"] is last
     assert call_key(args, {}) == call_key((torch.zeros(1, 32, dtype=torch.long), 5), {})
+    assert call_key((), kwargs) == call_key((), {k: v.clone() for k, v in kwargs.items()})
     plain = ((torch.ones(2, 3),), {"x": torch.zeros(4)})
-    assert all(a is b for a, b in zip(standard_strides(*plain)[0], plain[0]))
+    args, kwargs = standard_layout(*plain)
+    assert args[0] is plain[0][0] and kwargs["x"] is plain[1]["x"]
 
 
 def test_an_encoder_decoders_smaller_last_batch_is_served_by_the_first_graph():

@@ -106,7 +106,7 @@ class OptimizedModule(ModelProxy):
             self._report.note("eager: called in train mode or with inputs that require grad; ran the original")
             return self._original(*args, **kwargs)
         self._check_fresh()
-        args, kwargs = signature.standard_strides(args, kwargs)
+        args, kwargs = signature.standard_layout(args, kwargs)
         key = signature.call_key(args, kwargs)
         entry = self._cache.get(key)
         if entry is not None:

@@ -43,22 +43,29 @@ def _standard_strides(shape: torch.Size) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _restrided(value: Any) -> Any:
-    if not isinstance(value, torch.Tensor) or value.layout != torch.strided or value.dim() < 2 or not value.numel() \
-            or not value.is_contiguous():
+def _channels_last(value: torch.Tensor) -> bool:
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    return value.dim() in formats and value.is_contiguous(memory_format=formats[value.dim()])
+
+
+def _standard(value: Any) -> Any:
+    if not isinstance(value, torch.Tensor) or value.layout != torch.strided or value.dim() < 2 or not value.numel():
         return value
+    if not value.is_contiguous():
+        return value if _channels_last(value) else value.contiguous()
     strides = _standard_strides(value.shape)
     return value if value.stride() == strides else value.as_strided(value.shape, strides, value.storage_offset())
 
 
-def standard_strides(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """The call's top-level tensors with standard strides where they are contiguous but a size-1 dim carries
-    another stride: ``ids[:, :32]`` of a 1 x 128 tensor is contiguous with strides (128, 1). The same elements
-    (a view, no copy); a compiled graph guards ``stride(0) == size(1)`` and refused such a call, so a sliced
-    batch of one rebuilt the whole graph (a Llama's 6 s compile) where its dynamic graph serves that length."""
-    if not any(_restrided(a) is not a for a in (*args, *kwargs.values())):
-        return args, kwargs
-    return tuple(_restrided(a) for a in args), {k: _restrided(v) for k, v in kwargs.items()}
+def standard_layout(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The call's top-level tensors in the layout graphs are built for; the caller's tensors are left alone.
+    Contiguous ones whose size-1 dim carries another stride (``ids[:, :32]`` of a 1 x 128 tensor: strides
+    (128, 1)) as a standard-strided view of the same memory: a compiled graph guards ``stride(0) == size(1)`` and
+    refused such a call, so a sliced batch of one rebuilt the whole graph (a Llama's 6.3 s compile) where its
+    dynamic graph serves that length. Non-contiguous ones (a cut of a larger batch, an expanded mask) as a
+    contiguous copy: they were a family of their own, a whole build and race (a tiny BERT: 4.9 s) for the same
+    values; channels_last tensors stay as they are (a layout a graph is built for)."""
+    return tuple(_standard(a) for a in args), {k: _standard(v) for k, v in kwargs.items()}
 
 
 def describe(args: tuple, kwargs: dict) -> str:
