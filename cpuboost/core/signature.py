@@ -53,6 +53,8 @@ def _standard(value: Any) -> Any:
         return value
     if not value.is_contiguous():
         return value if _channels_last(value) else value.contiguous()
+    if 1 not in value.shape:  # contiguous without a size-1 dim: its strides are the standard ones already
+        return value
     strides = _standard_strides(value.shape)
     return value if value.stride() == strides else value.as_strided(value.shape, strides, value.storage_offset())
 
