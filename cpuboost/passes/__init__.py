@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def register_builtins() -> None:
-    from . import folding, inductor, int8, ipex, layout, mode, openvino, precision, training
+    from . import folding, inductor, int8, ipex, layout, mode, openvino, pooling, precision, training
 
-    for module in (mode, folding, layout, precision, int8, inductor, openvino, training, ipex):
+    for module in (mode, folding, pooling, layout, precision, int8, inductor, openvino, training, ipex):
         module.register()
