@@ -28,6 +28,7 @@ from torch.utils import _pytree as pytree
 from ..core.probe import position_limit
 from ..core.signature import SEQUENCE_INPUTS
 from .openvino_io import _bounded, _Flat, _Inputs, _key_name, _partial, _static, _to_ov
+from .openvino_ops import OpenVINOSpellings
 
 try:
     from ..errors import CpuBoostError
@@ -357,7 +358,8 @@ def build(model: torch.nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype,
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         try:
-            ov_model = _convert(flat, inputs.example(), input_spec, via_export and not dynamic_dims)
+            with OpenVINOSpellings():
+                ov_model = _convert(flat, inputs.example(), input_spec, via_export and not dynamic_dims)
         except Exception as exc:
             raise OpenVINOBuildError(f"conversion failed: {_why(exc)}") from exc
     converted = time.perf_counter()
