@@ -74,3 +74,15 @@ def test_a_pool_larger_than_its_map_is_served_by_openvino(two_threads):
     assert not fates["openvino fp32"].startswith(("failed", "rejected")), str(report)
     assert "openvino fp32: " in str(report) and "ok: rel err" in str(report).split("openvino fp32: ")[-1], str(report)
     assert type(net.pool) is nn.AvgPool2d  # the user's model is untouched
+
+
+def test_a_trace_of_the_wrapped_pool_is_the_mean_without_tracer_warnings():
+    """IPEX refuses a trace that warned (a frozen branch): the wrapper's trace must not warn."""
+    import warnings
+
+    wrapped, x = GlobalMeanWhereCovered(nn.AvgPool2d(64, ceil_mode=True)), torch.randn(2, 3, 7, 5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(wrapped, x)
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    torch.testing.assert_close(traced(x), wrapped.pool(x))

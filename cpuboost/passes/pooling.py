@@ -51,7 +51,9 @@ class GlobalMeanWhereCovered(nn.Module):
         self.dims, self.adaptive = _POOLS[type(pool)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if covers(self.pool, tuple(x.shape[-self.dims:])):
+        # A TorchScript trace (OpenVINO, IPEX) records a size as a tensor and would warn on each comparison;
+        # the pass chose this pool because the window covered its map, so the trace takes the mean unasked.
+        if torch.jit.is_tracing() or covers(self.pool, tuple(x.shape[-self.dims:])):
             return self.adaptive(x, 1)
         return self.pool(x)
 
@@ -62,9 +64,10 @@ def _covering_pools(model: nn.Module, ctx: PassContext) -> list[str]:
     found: list[str] = []
 
     def before_pool(mod, inputs):
-        if inputs and isinstance(inputs[0], torch.Tensor) and covers(mod, tuple(inputs[0].shape[-_POOLS[type(mod)][0]:])):
-            if names[mod] not in found:
-                found.append(names[mod])
+        x = inputs[0] if inputs else None
+        covered = isinstance(x, torch.Tensor) and covers(mod, tuple(x.shape[-_POOLS[type(mod)][0]:]))
+        if covered and names[mod] not in found:
+            found.append(names[mod])
 
     handles = [m.register_forward_pre_hook(before_pool) for m in model.modules() if type(m) in _POOLS]
     try:
