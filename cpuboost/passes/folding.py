@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ..core.registry import PassContext, PlanContext, register_pass
+from .watch import watched_forward
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # (producer type, BatchNorm type) -> folding function, as torch's fuser_method_mappings does it
@@ -47,12 +48,7 @@ def _find_pairs(model: nn.Module, ctx: PassContext) -> list[tuple[str, str]]:
             handles.append(mod.register_forward_hook(after_producer))
         elif isinstance(mod, _BN):
             handles.append(mod.register_forward_pre_hook(before_bn))
-    try:
-        with torch.no_grad():
-            model(*ctx.example_args, **ctx.example_kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+    watched_forward(model, ctx, handles)
     pairs = []
     for bn, producer in fed.items():
         if calls.get(bn) == 1 and calls.get(producer) == 1 and (type(producer), type(bn)) in _FOLDERS:
@@ -61,20 +57,14 @@ def _find_pairs(model: nn.Module, ctx: PassContext) -> list[tuple[str, str]]:
     return pairs
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
 def fold_batchnorm(model: nn.Module, ctx: PassContext) -> nn.Module:
     """Fold BatchNorm into the preceding Conv/Linear (one kernel fewer per pair)."""
     pairs = _find_pairs(model, ctx)
     for producer_name, bn_name in pairs:
         producer, bn = model.get_submodule(producer_name), model.get_submodule(bn_name)
         folded = _FOLDERS[(type(producer), type(bn))](producer, bn)
-        _set_submodule(model, producer_name, folded)
-        _set_submodule(model, bn_name, nn.Identity().train(bn.training))  # a new module defaults to train mode
+        model.set_submodule(producer_name, folded)
+        model.set_submodule(bn_name, nn.Identity().train(bn.training))  # a new module defaults to train mode
     ctx.note(f"folded {len(pairs)} pair(s)")
     return model
 

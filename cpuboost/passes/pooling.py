@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.registry import PassContext, PlanContext, register_pass
+from .watch import watched_forward
 
 # AvgPool3d refuses a map smaller than its window outright, so only a window of exactly the map's size covers it
 _POOLS = {nn.AvgPool1d: (1, F.adaptive_avg_pool1d), nn.AvgPool2d: (2, F.adaptive_avg_pool2d)}
@@ -69,13 +70,8 @@ def _covering_pools(model: nn.Module, ctx: PassContext) -> list[str]:
         if covered and names[mod] not in found:
             found.append(names[mod])
 
-    handles = [m.register_forward_pre_hook(before_pool) for m in model.modules() if type(m) in _POOLS]
-    try:
-        with torch.no_grad():
-            model(*ctx.example_args, **ctx.example_kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    pools = [m for m in model.modules() if type(m) in _POOLS]
+    watched_forward(model, ctx, [pool.register_forward_pre_hook(before_pool) for pool in pools])
     return found
 
 
@@ -84,10 +80,8 @@ def global_pooling(model: nn.Module, ctx: PassContext) -> nn.Module:
     unrolls them)."""
     names = _covering_pools(model, ctx)
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         pool = model.get_submodule(name)
-        setattr(parent, child, GlobalMeanWhereCovered(pool).train(pool.training))  # a new module starts in train
+        model.set_submodule(name, GlobalMeanWhereCovered(pool).train(pool.training))  # a new module starts in train
     ctx.note(f"{len(names)} pool(s) made global means" + (f": {', '.join(names)}" if names else ""))
     return model
 
