@@ -2,7 +2,7 @@
 
 transformers' EfficientNet pools its 7x7 map with ``AvgPool2d(1280, ceil_mode=True)``: eager clips the window to
 the map, but OpenVINO refuses a window larger than its input (the model fails at run time) and Inductor unrolls
-the 1280x1280 window with a bounds check per element (EfficientNet-B0: 0.1x eager). ``adaptive_avg_pool(x, 1)``
+the 1280x1280 window with a bounds check per element (EfficientNet-B0: 0.1-0.3x eager). ``adaptive_avg_pool(x, 1)``
 is the same mean to both, and fast. The swap happens where the window covers the map; any other size calls the
 original pool, so no input size gets a different answer.
 """
