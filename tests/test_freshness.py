@@ -170,3 +170,76 @@ def test_a_checkpoint_is_not_an_edit_but_a_config_switch_is(tmp_path):
     assert watch.changed() is None
     model.config.output_hidden_states = not model.config.output_hidden_states
     assert watch.changed() == "a plain attribute of the model (or its config) changed"
+
+
+def _unread_edit(value):
+    """Another valid value of the same kind (an unread attribute's edit)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 3
+    if isinstance(value, float):
+        return value / 2 + 0.25
+    if isinstance(value, tuple):
+        return tuple(v + 1 for v in value)
+    return 0.5  # momentum=None
+
+
+def _instance(cls):
+    gen = torch.Generator().manual_seed(0)
+    made = {nn.Conv1d: lambda: (nn.Conv1d(3, 4, 3), torch.randn(2, 3, 9, generator=gen)),
+            nn.Conv2d: lambda: (nn.Conv2d(3, 4, 3), torch.randn(2, 3, 9, 9, generator=gen)),
+            nn.Conv3d: lambda: (nn.Conv3d(3, 4, 3), torch.randn(2, 3, 5, 5, 5, generator=gen)),
+            nn.BatchNorm1d: lambda: (nn.BatchNorm1d(4), torch.randn(3, 4, 5, generator=gen)),
+            nn.BatchNorm2d: lambda: (nn.BatchNorm2d(4), torch.randn(3, 4, 5, 5, generator=gen)),
+            nn.BatchNorm3d: lambda: (nn.BatchNorm3d(4), torch.randn(3, 4, 3, 3, 3, generator=gen)),
+            nn.Linear: lambda: (nn.Linear(5, 4), torch.randn(3, 5, generator=gen)),
+            nn.LayerNorm: lambda: (nn.LayerNorm(5), torch.randn(3, 5, generator=gen)),
+            nn.GroupNorm: lambda: (nn.GroupNorm(2, 4), torch.randn(3, 4, 5, generator=gen)),
+            nn.Embedding: lambda: (nn.Embedding(10, 4), torch.randint(0, 10, (3, 5), generator=gen))}[cls]
+    module, x = made()
+    randomize_bn(module, gen) if isinstance(module, nn.modules.batchnorm._BatchNorm) else None
+    return module.eval(), x
+
+
+@pytest.mark.parametrize("cls", list(__import__("cpuboost.core.freshness", fromlist=["x"]).UNREAD_IN_EVAL),
+                         ids=lambda c: c.__name__)
+def test_what_the_watch_skips_no_eval_forward_reads(cls):
+    """The watch leaves out attributes and buffers of torch's own modules that their eval forward never reads:
+    editing every one of them changes no output of this torch's modules, and the watch does not rebuild for
+    them; an attribute forward does read (eps, stride, padding_idx...) is still watched."""
+    from cpuboost.core.freshness import UNREAD_IN_EVAL, WeightWatch
+
+    module, x = _instance(cls)
+    attrs, buffers = UNREAD_IN_EVAL[cls]
+    with torch.no_grad():
+        before = module(x)
+    watch = WeightWatch(module)
+    for name in attrs:
+        setattr(module, name, _unread_edit(getattr(module, name)))
+    for name in buffers:
+        getattr(module, name).add_(7)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), before, rtol=0, atol=0)
+    assert watch.changed() is None
+    read = next(n for n in ("eps", "stride", "padding_idx", "num_groups") if hasattr(module, n) and n not in attrs
+                ) if cls is not nn.Linear else None
+    if read is not None:
+        setattr(module, read, _unread_edit(getattr(module, read)) if getattr(module, read) is not None else 1)
+        assert watch.changed() == "a plain attribute of the model (or its config) changed"
+    else:
+        module.weight.data.mul_(2)
+        assert watch.changed() == "a weight's values changed (a write through .data)"
+
+
+@pytest.mark.parametrize("use_numpy", [True, False])
+def test_both_samplers_see_a_write_through_data(use_numpy):
+    """The sampled fingerprint reads through numpy where it is installed and through torch otherwise; each
+    sees a one-element-per-sample write that bumps no version counter."""
+    from cpuboost.core.freshness import _Sampler
+
+    net = nn.Sequential(nn.Linear(64, 64), nn.Conv2d(4, 4, 3))
+    sampler = _Sampler([p for p in net.parameters()], use_numpy=use_numpy)
+    assert bool(sampler.numpy_gathers) == use_numpy and sampler.same()
+    net[1].weight.data.view(-1)[::9].add_(1e-3)
+    assert not sampler.same()
