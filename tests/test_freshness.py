@@ -198,7 +198,8 @@ def _instance(cls):
             nn.GroupNorm: lambda: (nn.GroupNorm(2, 4), torch.randn(3, 4, 5, generator=gen)),
             nn.Embedding: lambda: (nn.Embedding(10, 4), torch.randint(0, 10, (3, 5), generator=gen))}[cls]
     module, x = made()
-    randomize_bn(module, gen) if isinstance(module, nn.modules.batchnorm._BatchNorm) else None
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        randomize_bn(module, gen)
     return module.eval(), x
 
 
