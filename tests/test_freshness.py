@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import cpuboost
+from cpuboost.core.freshness import UNREAD_IN_EVAL
 
 from nets import StackNet, randomize_bn
 
@@ -203,13 +204,12 @@ def _instance(cls):
     return module.eval(), x
 
 
-@pytest.mark.parametrize("cls", list(__import__("cpuboost.core.freshness", fromlist=["x"]).UNREAD_IN_EVAL),
-                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", list(UNREAD_IN_EVAL), ids=lambda c: c.__name__)
 def test_what_the_watch_skips_no_eval_forward_reads(cls):
     """The watch leaves out attributes and buffers of torch's own modules that their eval forward never reads:
     editing every one of them changes no output of this torch's modules, and the watch does not rebuild for
     them; an attribute forward does read (eps, stride, padding_idx...) is still watched."""
-    from cpuboost.core.freshness import UNREAD_IN_EVAL, WeightWatch
+    from cpuboost.core.freshness import WeightWatch
 
     module, x = _instance(cls)
     attrs, buffers = UNREAD_IN_EVAL[cls]

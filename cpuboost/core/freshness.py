@@ -1,6 +1,7 @@
 """Weight freshness: notice any edit of a weight or buffer before a graph built from the old ones serves.
 
-Four cheap checks per call, over every parameter and buffer of the user's model:
+Four cheap checks per call, over every parameter and buffer of the user's model (less what ``UNREAD_IN_EVAL``
+says torch's own modules never read in eval):
 - identity: each module's table still holds the same tensor object (``module.weight = nn.Parameter(...)``,
   ``load_state_dict(assign=True)``);
 - binding and in-place writes: each tensor's ``data_ptr`` and version counter (``p.data = t``,
