@@ -29,7 +29,9 @@ if hasattr(torch, "int4"):  # weight-only int4, served by generate() of causal L
 BACKEND_CHOICES = ("auto", "native", "eager", "ipex", "openvino")
 MODE_CHOICES = ("auto", "infer", "train")
 SHAPE_CHOICES = ("auto", "static", "dynamic")
-BUILD_CHOICES = ("blocking", "background")  # background: eager answers a new signature while its graph builds
+# auto: a dynamic family's first call serves its first verified graph, the other rungs race in the background
+# (``core.raceon``); blocking: every rung before the first answer; background: eager answers while it all builds
+BUILD_CHOICES = ("auto", "blocking", "background")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -131,7 +133,7 @@ class Options:
     cache_dir: Optional[str] = None        # persistent decisions and artifacts; None: CPUBOOST_CACHE_DIR
     calibration: Optional[Any] = None      # int8: example inputs (tuples of args or dicts of kwargs)
     accept_tracer_warnings: bool = False   # keep traced graphs whose tracer warned (data-dependent branches)
-    build: str = "blocking"                # "background": a new signature is answered by eager while it builds
+    build: str = "auto"                    # "background": a new signature is answered by eager while it builds
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))

@@ -55,15 +55,16 @@ class BackgroundBuilds:
         with self.lock:
             return key in self.running or key in self.failed
 
-    def start(self, key: Hashable, sig: str, build: Callable[[], Any], note: Callable[[str], None]) -> None:
-        """Starts ``build`` for ``key`` unless one is running or has failed."""
+    def start(self, key: Hashable, sig: str, build: Callable[[], Any], note: Callable[[str], None],
+              what: str = "") -> None:
+        """Starts ``build`` for ``key`` unless one is running or has failed; ``what`` is the report's line."""
         with self.lock:
             if key in self.running or key in self.failed:
                 return
             thread = threading.Thread(target=self._run, args=(key, sig, build, note), daemon=True,
                                       name=f"cpuboost build [{sig[:60]}]")
             self.running[key] = thread
-        note(f"[{sig}]: answered by eager while its graph builds in the background")
+        note(what or f"[{sig}]: answered by eager while its graph builds in the background")
         wait_at_exit(thread, "a background graph build")
         thread.start()
 

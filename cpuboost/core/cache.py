@@ -116,6 +116,13 @@ class SignatureCache:
         dynamic = {id(f.dynamic) for f in self.families.values() if f.dynamic is not None}
         return len({id(e) for e in self.entries.values() if id(e) not in dynamic})
 
+    def replace(self, old: GraphEntry, new: GraphEntry) -> None:
+        """Every signature ``old`` serves is served by ``new`` (a family's dynamic graph swapped for a faster one)."""
+        with self.lock:
+            for key, entry in self.entries.items():
+                if entry is old:
+                    self.entries[key] = new
+
     def drop(self, key: Hashable) -> None:
         with self.lock:
             self.entries.pop(key, None)

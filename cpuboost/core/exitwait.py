@@ -10,6 +10,7 @@ import threading
 log = logging.getLogger("cpuboost")
 _THREADS: list[tuple[threading.Thread, str]] = []
 _LOCK = threading.Lock()
+EXITING = threading.Event()  # set before the join: a build with more steps left starts none of them
 
 
 def wait_at_exit(thread: threading.Thread, what: str) -> None:
@@ -22,6 +23,7 @@ def wait_at_exit(thread: threading.Thread, what: str) -> None:
 
 
 def _finish() -> None:
+    EXITING.set()
     with _LOCK:
         running = [(t, w) for t, w in _THREADS if t.is_alive()]
     for what in dict.fromkeys(w for _, w in running):

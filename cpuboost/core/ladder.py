@@ -11,6 +11,9 @@ eager serves; losers are freed before the next rung, so racing never holds two e
 Once a rung has won, further rungs start only while the ``tune_budget`` (seconds from that win) lasts.
 Two verified rungs are timed side by side (a dynamic text graph at a second length too, ``probe``); level
 within ``race.CLOSE``, the one a restarted process gets without compiling serves.
+With ``serve_first`` (a dynamic family's first build, ``build="auto"``) the rungs quick to build go first and the
+first compiled rung that wins, confirmed against eager, ends the climb: the rest of its stage is returned for
+``raceon`` to build in the background, so a first call costs that rung, not every rung.
 """
 from __future__ import annotations
 
@@ -116,30 +119,41 @@ def _int8_must_race(int8_verified: bool, rung: Rung, decided: Optional[str]) -> 
     return int8_verified and rung.dtype != torch.int8 and decided is None
 
 
+QUICK_TO_BUILD = ("openvino",)  # BERT-style, 4 layers, 2 cores: OpenVINO 2.7 s, Inductor (dynamic) 12 s
+BACKGROUND = "building in the background while {} serves"  # a rung ``raceon`` has still to build
+
+
 def climb(stages: list[list[Rung]], args: tuple, kwargs: dict, *, reference: Any,
           yardstick: Callable[[torch.dtype], Any], eager: Callable[..., Any], tolerance: Optional[float],
           budget: float, verify_outputs: bool, signature: str,
           decided: Optional[str] = None, warm: Optional[dict] = None,
-          probe: Optional[Probe] = None) -> tuple[Optional[Winner], list[RungRecord]]:
-    """Try the rungs in order; return the winner (None: eager serves) and a record of every rung.
+          probe: Optional[Probe] = None,
+          serve_first: bool = False) -> tuple[Optional[Winner], list[RungRecord], list[Rung]]:
+    """Try the rungs in order; return the winner (None: eager serves), a record of every rung and the rungs
+    left for the background (``serve_first`` only; their records say so until ``raceon`` replaces them).
 
     ``warm``: what an earlier process measured for the ``decided`` rung (``eager_ms`` of this call's reference,
     ``yardstick_error`` of eager autocast), so a warm start verifies and times it without more eager calls.
     ``probe``: the call at another length, where verified rungs of a dynamic text graph race side by side too.
     """
     records: list[RungRecord] = []
+    rest: list[Rung] = []
     best: Optional[Winner] = None
     won_at = 0.0  # the budget counts from the first winner: the first build, however slow, never uses it up
     total = sum(len(stage) for stage in stages)
-    compiled_tried = False
+    compiled_tried = confirmed = False
     int8_verified = False
+    if serve_first and stages:
+        stages = [sorted(stages[0], key=lambda r: r.backend not in QUICK_TO_BUILD), *stages[1:]]
     with progress(total, signature) as bar:
         for stage in stages:
             if best is not None and best.rung.compiled:
                 records += [RungRecord(r.name, f"not tried: {best.rung.name} won in the requested dtype")
                             for r in stage]
                 continue
-            for rung in stage:
+            for index, rung in enumerate(stage):
+                if rest:
+                    break
                 over_budget = best is not None and time.perf_counter() - won_at > budget
                 if over_budget and not _int8_must_race(int8_verified, rung, decided):
                     why = (f"{decided} was decided by an earlier build (this process or the persistent cache)"
@@ -165,8 +179,15 @@ def climb(stages: list[list[Rung]], args: tuple, kwargs: dict, *, reference: Any
                         del candidate
                         if compiled_loser:
                             race.release_memory()  # a loser's graph goes before the next rung is built
-                bar.end(rung.name, records[-1].fate)
-    if best is not None and not (warm and best.rung.name == decided):
+                if serve_first and best is not None and best.rung.compiled and not confirmed:
+                    best, confirmed = _confirm(best, eager, args, kwargs), True
+                    if best is None:  # slower than eager side by side: the climb goes on in the foreground
+                        confirmed = False
+                    elif stage[index + 1:]:
+                        rest = stage[index + 1:]
+                        records += [RungRecord(r.name, BACKGROUND.format(best.rung.name)) for r in rest]
+                bar.end(rung.name, records[-1 - len(rest)].fate)
+    if best is not None and not confirmed and not (warm and best.rung.name == decided):
         best = _confirm(best, eager, args, kwargs)
     if best is not None:
         best.record.fate = "served"
@@ -177,7 +198,7 @@ def climb(stages: list[list[Rung]], args: tuple, kwargs: dict, *, reference: Any
         # what the compiles freed goes back to the system, not only the losers' graphs; an eager-only ladder
         # frees little and would pay a full gc per new signature (0.5 s in a large process)
         race.release_memory()
-    return best, records
+    return best, records, rest
 
 
 def _confirm(best: Winner, eager: Callable[..., Any], args: tuple, kwargs: dict) -> Optional[Winner]:

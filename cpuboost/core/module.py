@@ -21,7 +21,7 @@ from torch import nn
 
 from ..machine.hardware import Hardware
 from ..options import Options, dtype_name
-from . import ladder, probe, signature, verify
+from . import ladder, probe, raceon, signature, verify
 from .background import BackgroundBuilds
 from .cache import Family, GraphEntry, SignatureCache, verify_dtype
 from .freshness import WeightWatch
@@ -52,7 +52,7 @@ class OptimizedModule(ModelProxy):
         options, plan = self._options, self._plan
         self.__dict__.update(
             _work=None, _eval_view=None, _watch=None, _lock=threading.RLock(), _build_lock=threading.RLock(),
-            _epoch=0, _build_epoch=0, _builds=BackgroundBuilds(),
+            _work_lock=threading.RLock(), _racing=None, _epoch=0, _build_epoch=0, _builds=BackgroundBuilds(),
             _cache=SignatureCache(options.cache_size), _winners={}, _warned=set(), _generation=None, _warm=None,
             _report=Report(
                 model=type(self._original).__name__, mode=plan.mode, options=options.describe(),
@@ -106,6 +106,9 @@ class OptimizedModule(ModelProxy):
             self._report.note("eager: called in train mode or with inputs that require grad; ran the original")
             return self._original(*args, **kwargs)
         self._check_fresh()
+        if self._racing is not None and self._racing.done.is_set():  # a background race to settle: time it now
+            with self._build_lock:
+                raceon.settle_pending(self)
         args, kwargs = signature.standard_layout(args, kwargs)
         key = signature.call_key(args, kwargs)
         entry = self._cache.get(key)
@@ -122,7 +125,8 @@ class OptimizedModule(ModelProxy):
         return self._build_and_call(key, args, kwargs)
 
     def wait_for_builds(self, timeout: Optional[float] = None) -> bool:
-        """Waits for ``build="background"`` builds and generate()'s compiled prefill; True when none runs."""
+        """Waits for background builds (``build="background"``, the race of ``build="auto"``, generate()'s compiled
+        prefill); True when none runs. A race that finished is settled by the next call."""
         runner = self.__dict__.get("_generation")
         return self._builds.wait(timeout) & (runner is None or runner.wait_for_builds(timeout))
 
@@ -202,16 +206,18 @@ class OptimizedModule(ModelProxy):
         if found is not None and found.decision is not None and prefer is None:
             prefer = found.decision.get("rung")  # decided by an earlier process: no race, that rung only
             self._report.note(f"[{sig}]: decision from the persistent cache ({prefer})")
-        with found.building() if found is not None else contextlib.nullcontext():  # releases the lock on error
+        serve_first = options.build == "auto" and family is None and bool(dims) and not prefer  # see raceon
+        with found.building() if found is not None else contextlib.nullcontext(), self._work_lock:
             stages = [] if prefer == "eager" else ladder_stages(  # eager decided earlier: nothing beat it
                 self, self._working_copy(args, kwargs), args, kwargs, dims, prefer,
                 found.artifact_dir if found is not None else None, template)
-            winner, rungs = ladder.climb(
+            winner, rungs, rest = ladder.climb(
                 stages, args, kwargs, reference=reference, yardstick=yardstick, eager=self._eager_original,
                 tolerance=options.tolerance, budget=0.0 if prefer else options.tune_budget,
                 verify_outputs=options.verify, signature=sig, decided=prefer,
                 warm=self._warm.hints(found, prefer, reference_ms) if found else None,
-                probe=None if prefer else probe.other_length(args, kwargs, dims, self._original))
+                probe=None if prefer else probe.other_length(args, kwargs, dims, self._original),
+                serve_first=serve_first)
         record = GraphRecord(sig, "eager (original)", 0.0, "is the reference", rungs=rungs,
                              dynamic=", ".join(f"{w}:{d}" for w, d in dims.items()) if dims else "")
         if winner is None:
@@ -228,7 +234,7 @@ class OptimizedModule(ModelProxy):
                             "; ".join([f"used for [{sig}]", *winner.rung.notes]))
         notes = {r.name: r.notes for stage in stages for r in stage}  # a losing rung's build notes stay visible
         for rung in rungs:
-            if (winner is None or rung is not winner.record) and not rung.fate.startswith("not tried"):
+            if (winner is None or rung is not winner.record) and not rung.fate.startswith(("not tried", "building")):
                 self._mark_pass(rung.name.rsplit(" ", 1)[0], "failed" if rung.fate.startswith(("failed", "rej"))
                                 else "skipped", rung.build_seconds, "; ".join([f"[{sig}] {rung.line()}",
                                                                                *notes.get(rung.name, [])]))
@@ -239,6 +245,8 @@ class OptimizedModule(ModelProxy):
             entry.sizes = self._warm.remember(found, winner.rung.name if winner is not None else None, yard, sig, dims)
         self._report.add_graph(record)
         self._keep(lambda: self._remember(family, family_key, shapes, key, entry, dims, winner))
+        if rest and winner is not None and self._epoch == self._build_epoch:
+            raceon.begin(self, rest, winner, record, args, kwargs, dims, reference, yardsticks, found)
         log.info("cpuboost: [%s] served by %s %s after %.1f s", sig, record.path, record.dtype, record.build_seconds)
         return verify.match_dtypes(template, out) if template is not None else out  # first call = later calls
 
