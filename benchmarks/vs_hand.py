@@ -48,6 +48,8 @@ def cpuboost_variant(spec: zoo.Spec, variant: str):
                               cache_dir=tempfile.mkdtemp(prefix="cpuboost-vs-hand-") if cache else "off")
     with torch.no_grad():
         spec.call(model)
+        model.wait_for_builds()  # a text model's other rungs race in the background (build="auto"): settled here
+        spec.call(model)
     graph = cpuboost.explain(model).graphs[-1]
     race = ", ".join(f"{name} {ms:.2f} ms" for name, ms in graph.timings)
     print(f"  {variant}: serves {graph.path} {graph.dtype} (race: {race})", flush=True)

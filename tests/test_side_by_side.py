@@ -46,16 +46,23 @@ def costed_passes():
         registry.unregister_pass(name)
 
 
-def test_a_dynamic_text_graph_is_raced_at_a_second_length_too(costed_passes):
+@pytest.mark.parametrize("build", ["blocking", "auto"])
+def test_a_dynamic_text_graph_is_raced_at_a_second_length_too(costed_passes, build):
     """At 16 tokens the first rung is twice as fast; at the probe length (64) the second is three times as fast:
-    the one that serves every length is the second, and the report shows both timings."""
+    the one that serves every length is the second, and the report shows both timings. With build="auto" the
+    first serves the first call and the race of the second, settled by the next call, is timed at both lengths."""
     short_fast, long_fast = costed_passes
     net = SlowTokenModel().eval()
-    model = cpuboost.optimize(net, dtype="fp32", fusion=False, cache_dir="off")
+    model = cpuboost.optimize(net, dtype="fp32", fusion=False, cache_dir="off", build=build)
     ids = torch.randint(0, 100, (1, 16))
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=torch.ones(1, 16, dtype=torch.long))
         torch.testing.assert_close(out, net.compute(ids, torch.ones(1, 16, dtype=torch.long)))
+        if build == "auto":
+            assert cpuboost.explain(model).graphs[-1].path == short_fast  # quick to answer: it came first
+            assert model.wait_for_builds(60)
+            torch.testing.assert_close(model(input_ids=ids, attention_mask=torch.ones(1, 16, dtype=torch.long)),
+                                       net.compute(ids, torch.ones(1, 16, dtype=torch.long)))
     graph = cpuboost.explain(model).graphs[-1]
     assert graph.path == long_fast, [r.line() for r in graph.rungs]
     assert "input_ids:[1]" in graph.dynamic

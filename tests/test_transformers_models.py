@@ -92,6 +92,7 @@ def test_compiled_real_models(name, dtype):
 
     model = make()
     _check(model, net, inputs, model._options.dtype)
+    assert model.wait_for_builds(600)  # BERT's token inputs: Inductor may race on after OpenVINO answered first
     report = cpuboost.explain(model)
     assert verified(rung(model, f"inductor {dtype}")), str(report)  # built and verified; the race picks what serves
 

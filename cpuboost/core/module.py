@@ -206,7 +206,8 @@ class OptimizedModule(ModelProxy):
         if found is not None and found.decision is not None and prefer is None:
             prefer = found.decision.get("rung")  # decided by an earlier process: no race, that rung only
             self._report.note(f"[{sig}]: decision from the persistent cache ({prefer})")
-        serve_first = options.build == "auto" and family is None and bool(dims) and not prefer  # see raceon
+        serve_first = (options.build == "auto" and family is None and bool(dims) and not prefer  # see raceon
+                       and options.tune_budget > 0)
         with found.building() if found is not None else contextlib.nullcontext(), self._work_lock:
             stages = [] if prefer == "eager" else ladder_stages(  # eager decided earlier: nothing beat it
                 self, self._working_copy(args, kwargs), args, kwargs, dims, prefer,
