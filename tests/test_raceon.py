@@ -193,3 +193,17 @@ def test_a_tiny_bert_answers_first_then_serves_the_race_winner():
     served = [r for r in record.rungs if r.fate.startswith("served")]
     assert len(served) == 1, record.rungs
     assert cpuboost.explain(model).graphs[-1].path == record.path == served[0].name.split()[0]
+
+
+def test_a_model_over_the_bound_races_every_rung_before_answering(rungs, monkeypatch):
+    """Large models keep the blocking ladder (the graph held while the next builds raised BERT-base's peak)."""
+    from cpuboost.core import raceon
+
+    monkeypatch.setattr(raceon, "RACE_ON_MAX_BYTES", sum(p.numel() * 4 for p in Tokens().parameters()))
+    rungs("test_first", _graph(0.008))
+    rungs("test_faster", _graph(0.001))
+    net = Tokens().eval()
+    model = cpuboost.optimize(net, dtype="fp32", fusion=False, cache_dir="off")
+    torch.testing.assert_close(_call(model, 16), _eager(net, 16))
+    assert _fates(_first_record(model))["test_faster fp32"] == "served"
+    assert model._racing is None

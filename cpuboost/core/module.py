@@ -207,7 +207,7 @@ class OptimizedModule(ModelProxy):
             prefer = found.decision.get("rung")  # decided by an earlier process: no race, that rung only
             self._report.note(f"[{sig}]: decision from the persistent cache ({prefer})")
         serve_first = (options.build == "auto" and family is None and bool(dims) and not prefer  # see raceon
-                       and options.tune_budget > 0)
+                       and options.tune_budget > 0 and raceon.wanted(self._original))
         with found.building() if found is not None else contextlib.nullcontext(), self._work_lock:
             stages = [] if prefer == "eager" else ladder_stages(  # eager decided earlier: nothing beat it
                 self, self._working_copy(args, kwargs), args, kwargs, dims, prefer,

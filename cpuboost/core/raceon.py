@@ -26,6 +26,20 @@ from .exitwait import EXITING
 from .probe import Probe
 from .report import GraphRecord, RungRecord
 
+# From this many bytes of weights a family's first build races every rung before answering, as ``build="blocking"``:
+# the graph that serves is held while the next one builds, and Inductor's build of a large model passes through
+# transients near twice its graph (the exported program written for the child compile, the package loaded and
+# verified). BERT-base, cache on, AMD EPYC: peak +704 MiB racing on (OpenVINO served first), +533 MiB blocking
+# (Inductor built first, with nothing held), against the hand compile's +484. The same bound as
+# ``passes.inductor.CHILD_COMPILE_MIN_BYTES``: below it, the dynamic Inductor graph compiles in this process.
+RACE_ON_MAX_BYTES = 256 << 20
+
+
+def wanted(model: torch.nn.Module) -> bool:
+    """Whether a family's first build of ``model`` may answer before its race is over (weights under the bound)."""
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return size < RACE_ON_MAX_BYTES
+
 class RaceOn:
     """The rest of one family's first ladder stage, built in the background and settled by a later call."""
 
