@@ -15,12 +15,13 @@ reads VmRSS instead; the output says which was used). The path is built and call
 
 Paths: ``eager_fp32`` (the model as is), ``eager_bf16`` (under ``torch.autocast("cpu", torch.bfloat16)``),
 ``hand_compile`` (``torch.compile`` with ``torch._inductor.config.freezing = True`` under autocast bf16),
-``cpuboost_*`` measured after the race its first call left running in the background has finished and a call has
-settled it (``build="auto"``: the peak covers both graphs' builds, the retained the graph that serves),
 ``cpuboost_bf16`` (``cpuboost.optimize(model, dtype="bf16")`` with its persistent cache in an empty folder: a
 cold start that also writes its artifacts), ``cpuboost_bf16_nocache`` (the same with ``cache_dir="off"``) and
-``cpuboost_bf16_blocking`` (cache on, ``build="blocking"``: every rung raced inside the first call). Memory of Inductor's compile worker
-processes is not in these numbers (they are other processes); the import of Inductor itself is.
+``cpuboost_bf16_blocking`` (cache on, ``build="blocking"``: every rung raced inside the first call; BERT-base,
+above ``core.raceon.RACE_ON_MAX_BYTES``, gets that by default too). The ``cpuboost_*`` paths are measured once a
+race their first call left running in the background (``build="auto"``, smaller text models) has finished and a
+call has settled it, so the peak covers every build and the retained the graph that serves. Memory of Inductor's
+compile worker processes is not in these numbers (they are other processes); the import of Inductor itself is.
 The target is cpuboost bf16 (cache on) peak added and retained <= 1.25x the hand compile's.
 """
 from __future__ import annotations

@@ -207,3 +207,26 @@ def test_a_model_over_the_bound_races_every_rung_before_answering(rungs, monkeyp
     torch.testing.assert_close(_call(model, 16), _eager(net, 16))
     assert _fates(_first_record(model))["test_faster fp32"] == "served"
     assert model._racing is None
+
+
+def test_a_challenger_that_fails_when_raced_never_serves_and_the_call_answers(rungs):
+    """A graph that answered in the background but raises in the caller's thread: the settling call still
+    answers (from the serving graph) and the record says why the challenger lost."""
+    def build(model, args, kwargs, ctx):
+        def run(input_ids, attention_mask):
+            if threading.current_thread() is threading.main_thread():
+                raise RuntimeError("only answers in the background")
+            time.sleep(0.001)
+            return model.emb(input_ids) * attention_mask[..., None]
+        return run
+
+    rungs("test_first", _graph(0.008))
+    rungs("test_flaky", build)
+    net = Tokens().eval()
+    model = cpuboost.optimize(net, dtype="fp32", fusion=False, cache_dir="off")
+    _call(model, 16)
+    assert model.wait_for_builds(60)
+    torch.testing.assert_close(_call(model, 24), _eager(net, 24))
+    fates = _fates(_first_record(model))
+    assert fates["test_flaky fp32"].startswith("failed when raced against test_first fp32: RuntimeError"), fates
+    assert fates["test_first fp32"] == "served" and cpuboost.explain(model).graphs[-1].path == "test_first"

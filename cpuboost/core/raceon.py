@@ -40,6 +40,7 @@ def wanted(model: torch.nn.Module) -> bool:
     size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     return size < RACE_ON_MAX_BYTES
 
+
 class RaceOn:
     """The rest of one family's first ladder stage, built in the background and settled by a later call."""
 
@@ -101,8 +102,14 @@ class RaceOn:
         self.best = None
         if challenger is None:
             return None
-        if not ladder._beats(challenger, holder, self.args, self.kwargs, self.probe):
-            challenger.record.fate = ladder._lost(challenger, holder.rung.name)
+        try:
+            won = ladder._beats(challenger, holder, self.args, self.kwargs, self.probe)
+        except Exception as exc:  # a graph that answered in the background but not here does not serve
+            why, won = ladder._first_line(exc), None
+            challenger.record.fate = f"failed when raced against {holder.rung.name}: {why}"
+        if not won:
+            if won is not None:
+                challenger.record.fate = ladder._lost(challenger, holder.rung.name)
             del challenger
             race.release_memory()
             return None
@@ -118,7 +125,7 @@ def start(race_on: RaceOn, builds: Any, lock: threading.RLock, current_epoch: Ca
           signature: str, note: Callable[[str], None]) -> None:
     """Runs ``race_on`` in a daemon thread tracked by ``builds`` (``wait_for_builds()`` joins it; an exiting
     interpreter finishes the rung in progress, starts no other)."""
-    builds.start(("race on", race_on.family_key), signature, lambda: race_on.run(lock, current_epoch), note,
+    builds.start(("race on", id(race_on)), signature, lambda: race_on.run(lock, current_epoch), note,
                  what=f"[{signature}]: {race_on.holder.rung.name} serves while the other rungs build in the "
                       f"background ({', '.join(r.name for r in race_on.rungs)})")
 
