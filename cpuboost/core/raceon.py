@@ -37,8 +37,9 @@ RACE_ON_MAX_BYTES = 256 << 20
 
 def wanted(model: torch.nn.Module) -> bool:
     """Whether a family's first build of ``model`` may answer before its race is over (weights under the bound)."""
-    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    return size < RACE_ON_MAX_BYTES
+    from ..persist.aoti import module_bytes  # the measure the child-compile bound uses
+
+    return module_bytes(model) < RACE_ON_MAX_BYTES
 
 
 class RaceOn:
