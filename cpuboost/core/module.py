@@ -231,14 +231,7 @@ class OptimizedModule(ModelProxy):
             record.timings = [(r.name, r.ms) for r in rungs if r.ms is not None]
             out = winner.out
             entry = GraphEntry(winner.rung.backend, winner.fn, template, record)
-            self._mark_pass(winner.rung.backend, "applied", winner.build_seconds,
-                            "; ".join([f"used for [{sig}]", *winner.rung.notes]))
-        notes = {r.name: r.notes for stage in stages for r in stage}  # a losing rung's build notes stay visible
-        for rung in rungs:
-            if (winner is None or rung is not winner.record) and not rung.fate.startswith(("not tried", "building")):
-                self._mark_pass(rung.name.rsplit(" ", 1)[0], "failed" if rung.fate.startswith(("failed", "rej"))
-                                else "skipped", rung.build_seconds, "; ".join([f"[{sig}] {rung.line()}",
-                                                                               *notes.get(rung.name, [])]))
+        self._mark_rungs(sig, rungs, [r for stage in stages for r in stage], winner)
         record.build_seconds = time.perf_counter() - started
         entry.example = (args, kwargs) if not dims or family is None else None  # what save() compiles for
         if found is not None:
@@ -352,6 +345,19 @@ class OptimizedModule(ModelProxy):
             self.__dict__["_work"] = apply_module_passes(self._original, self._plan.module_passes,
                                                          self._report.passes, ctx, self._options.inplace)
         return self._work
+
+    def _mark_rungs(self, sig: str, records: list, rungs: list, winner: Optional[ladder.Winner]) -> None:
+        """Each tried rung's verdict on its pass's line: the winner's "applied", the others' "failed" or "skipped",
+        a losing rung's build notes kept visible; rungs not tried, or still building in the background, say nothing."""
+        notes = {r.name: r.notes for r in rungs}
+        if winner is not None:
+            self._mark_pass(winner.rung.backend, "applied", winner.build_seconds,
+                            "; ".join([f"used for [{sig}]", *winner.rung.notes]))
+        for rung in records:
+            if (winner is None or rung is not winner.record) and not rung.fate.startswith(("not tried", "building")):
+                self._mark_pass(rung.name.rsplit(" ", 1)[0], "failed" if rung.fate.startswith(("failed", "rej"))
+                                else "skipped", rung.build_seconds, "; ".join([f"[{sig}] {rung.line()}",
+                                                                               *notes.get(rung.name, [])]))
 
     def _mark_pass(self, name: str, status: str, seconds: float, detail: str) -> None:
         record = next((r for r in self._report.passes if r.name == name), None)

@@ -185,11 +185,8 @@ def settle_pending(model: Any) -> None:
     if race_on.epoch != model._epoch or family is None or family.dynamic is None:
         return
     winner = race_on.settle()
-    for rung in race_on.record.rungs:
-        if rung.name in {r.name for r in race_on.rungs} and not rung.fate.startswith("not tried"):
-            model._mark_pass(rung.name.rsplit(" ", 1)[0], "failed" if rung.fate.startswith(("failed", "rej"))
-                             else "applied" if winner is not None and rung is winner.record else "skipped",
-                             rung.build_seconds, f"[{race_on.signature}] {rung.line()}")
+    raced = {r.name for r in race_on.rungs}
+    model._mark_rungs(race_on.signature, [r for r in race_on.record.rungs if r.name in raced], race_on.rungs, winner)
     if winner is None:
         return
     entry = swap_entry(family.dynamic, winner)
